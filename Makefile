@@ -1,0 +1,20 @@
+# The two commands a fresh machine needs (see README): `make train` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: venv train test lint bench-memory
+venv:
+	@bash tools/bootstrap.sh
+
+# Main job: n=4 tiny MTP model on the embedded Python-stdlib corpus, CPU, a few minutes.
+train: venv
+	$(PY) -m mtp_pretrain.cli $(ARGS)
+
+test: venv lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check mtp_pretrain tools tests
+
+bench-memory: venv
+	$(PY) tools/bench_loss_memory.py

@@ -1,0 +1,1 @@
+"""Data: offline tokenizer, webdataset shard writer, streaming packed-batch reader."""
