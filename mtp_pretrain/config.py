@@ -1,0 +1,184 @@
+"""Structured configuration: dataclasses registered in Hydra's ConfigStore, validated once at start-up.
+
+The YAML files under conf/ fill these; a typo in a key is rejected by Hydra's structured-config check, and
+`validate()` rejects bad combinations with one line that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A bad configuration value or combination; the message names the key and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = MISSING  # name of the conf/model/*.yaml preset, for the record
+    num_layers: int = MISSING  # L: total transformer blocks = trunk (L - n) + n heads, as the reference
+    hidden_size: int = MISSING
+    num_attention_heads: int = MISSING
+    num_query_groups: int | None = None  # GQA; None = multi-head attention
+    ffn_hidden_size: int | None = None  # None: Llama's 8/3 * hidden, rounded up to a multiple of 64
+    seq_len: int = MISSING  # T: input positions per sample (each sample holds T + n tokens)
+    rotary_base: int = 10000
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+
+
+@dataclass
+class MTPConfig:
+    n: int = 4  # number of heads; n = 1 is plain next-token training
+    loss_weights: list[float] | None = None  # per-head weights; None = all 1.0
+    memory_efficient: bool = True  # per-head forward/backward on the detached trunk output
+    chunk_size: int = 0  # > 0: unembedding + CE in sequence chunks of this length
+
+
+@dataclass
+class DataConfig:
+    source: list[str] | None = None  # directories / .txt / .jsonl files; None = the Python stdlib
+    cache_dir: str = ".cache/data"  # tokenizer + shards are built here once and reused
+    vocab_size: int = 4096  # tokenizer vocabulary trained offline
+    val_shards: int = 1  # last shards held out for validation
+    docs_per_shard: int = 400
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    clip_grad: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 300  # optimizer steps
+    micro_batch_size: int = 8
+    grad_accum: int = 1  # micro-batches per optimizer step (per data-parallel rank)
+    seed: int = 1234
+    bf16: bool = False
+    recompute: bool = False  # full activation recompute of the trunk layers
+    val_every: int = 100  # 0 disables periodic validation
+    val_batches: int = 4
+    save_every: int = 100  # 0: save only at the end
+    keep_last: int = 2
+    run_dir: str = "outputs/${model.preset}-n${mtp.n}"
+    resume: str = "auto"  # auto | none | a checkpoint directory
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = "offline"  # offline | online | disabled (no network here: offline)
+    wandb_project: str = "mtp-pretrain"
+    wandb_entity: str | None = None
+    run_name: str | None = None
+    log_every: int = 10
+    plot: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, node in [
+        ("model", ModelConfig),
+        ("mtp", MTPConfig),
+        ("data", DataConfig),
+        ("optim", OptimConfig),
+        ("parallel", ParallelConfig),
+        ("trainer", TrainerConfig),
+        ("logging", LoggingConfig),
+    ]:
+        cs.store(group=group, name=f"base_{group}", node=node)
+
+
+def ffn_hidden_size(m: ModelConfig) -> int:
+    if m.ffn_hidden_size:
+        return m.ffn_hidden_size
+    return -(-(8 * m.hidden_size // 3) // 64) * 64
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Reject bad values and combinations before anything is built; one line, naming key and fix."""
+    m, mtp, t, o = cfg.model, cfg.mtp, cfg.trainer, cfg.optim
+    _require(mtp.n >= 1, f"mtp.n={mtp.n}: the number of heads must be >= 1 (n=1 is next-token training)")
+    _require(
+        m.num_layers > mtp.n,
+        f"model.num_layers={m.num_layers} must exceed mtp.n={mtp.n}: the trunk has L-n blocks and the heads "
+        f"n; raise model.num_layers or lower mtp.n",
+    )
+    _require(
+        m.hidden_size % m.num_attention_heads == 0,
+        f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+        f"{m.num_attention_heads}; pick a head count that divides it",
+    )
+    if m.num_query_groups is not None:
+        _require(
+            m.num_attention_heads % m.num_query_groups == 0,
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"model.num_query_groups={m.num_query_groups}",
+        )
+    if mtp.loss_weights is not None:
+        _require(
+            len(mtp.loss_weights) == mtp.n,
+            f"mtp.loss_weights has {len(mtp.loss_weights)} entries but mtp.n={mtp.n}; give one weight per head",
+        )
+        _require(all(w >= 0 for w in mtp.loss_weights), "mtp.loss_weights must be >= 0")
+    _require(mtp.chunk_size >= 0, f"mtp.chunk_size={mtp.chunk_size} must be >= 0 (0 = no chunking)")
+    _require(m.seq_len >= 1, f"model.seq_len={m.seq_len} must be >= 1")
+    for key, value in [
+        ("trainer.steps", t.steps),
+        ("trainer.micro_batch_size", t.micro_batch_size),
+        ("trainer.grad_accum", t.grad_accum),
+    ]:
+        _require(value >= 1, f"{key}={value} must be >= 1")
+    _require(t.val_batches >= 1 or t.val_every == 0, "trainer.val_batches must be >= 1 when validating")
+    _require(t.keep_last >= 1, f"trainer.keep_last={t.keep_last} must be >= 1 (the latest is always kept)")
+    _require(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"optim.lr={o.lr} / optim.min_lr={o.min_lr}: need 0 <= min_lr <= lr, lr > 0")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+    _require(
+        cfg.logging.wandb_mode in ("offline", "online", "disabled"),
+        f"logging.wandb_mode={cfg.logging.wandb_mode!r}: use offline, online or disabled",
+    )
+    _require(cfg.data.val_shards >= 1, "data.val_shards must be >= 1 (validation needs held-out shards)")
+    _require(cfg.data.vocab_size >= 256 + 2, "data.vocab_size must be >= 258 (byte alphabet + EOS + PAD)")
+
+
+def to_config(raw: Any) -> Config:
+    """A DictConfig from Hydra (or a plain dict) -> validated Config dataclass."""
+    cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), raw))  # type: ignore[assignment]
+    validate(cfg)
+    return cfg

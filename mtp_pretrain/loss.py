@@ -1,0 +1,177 @@
+"""Multi-token-prediction loss on the last pipeline stage, memory-efficient as in Gloeckle et al. 2024 §2.
+
+Naive MTP keeps all n heads' [T, B, V] logits alive until the backward: O(nV) activation memory. Here the
+trunk output h is detached, and each head in turn runs forward + backward to the detached copy, so only
+one head's logits (or one sequence chunk of them, with `chunk_size`) is ever alive: O(V + d).
+
+All of that happens inside the *forward* of one autograd Function, which returns the summed loss and whose
+backward hands the accumulated gradient to h and to every head parameter. The model therefore returns one
+scalar loss like any other, and everything outside — the pipeline schedule, grad accumulation scaling,
+megatron DDP's grad-ready hooks, DeepSpeed ZeRO's — sees each parameter receive its gradient exactly once.
+(Calling backward once per head instead fires those hooks n times for the shared unembedding: wrong
+gradients under ZeRO and overlapped DDP reduction, measured; see ARCHITECTURE.md §6.) The inner backwards use
+`torch.autograd.grad`, which returns gradients instead of accumulating into `.grad`, so no hook fires early.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from torch import Tensor
+
+from mtp_pretrain.model.heads import MTPHeads
+
+# per-head statistics, rows of the [n, 3] stats tensor the loss returns (sums, so they reduce across
+# micro-batches and data-parallel ranks by addition)
+STAT_LOSS_SUM, STAT_CORRECT, STAT_COUNT = 0, 1, 2
+
+
+@dataclass
+class HeadTargets:
+    """Targets of every head: head i (0-based) predicts tokens[:, i+1 : i+1+T]."""
+
+    tokens: Tensor  # [B, T+n] int64
+    valid: Tensor  # [B, T+n] bool; False = padding / masked target
+
+    def of_head(self, i: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        """[T, B] targets and validity of head i, in megatron's sequence-first layout."""
+        sl = slice(i + 1, i + 1 + seq_len)
+        return self.tokens[:, sl].t().contiguous(), self.valid[:, sl].t().contiguous()
+
+
+def _vocab_parallel_argmax(logits: Tensor) -> Tensor:
+    """argmax over a vocabulary split across tensor-parallel ranks (global token ids)."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    local_max, local_idx = logits.max(dim=-1)
+    if tp == 1:
+        return local_idx
+    group = parallel_state.get_tensor_model_parallel_group()
+    local_idx = local_idx + parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+    global_max = local_max.clone()
+    torch.distributed.all_reduce(global_max, op=torch.distributed.ReduceOp.MAX, group=group)
+    # ties: the lowest id wins, as torch.argmax does on one rank
+    candidate = torch.where(local_max == global_max, local_idx, torch.full_like(local_idx, 2**62))
+    torch.distributed.all_reduce(candidate, op=torch.distributed.ReduceOp.MIN, group=group)
+    return candidate
+
+
+def _chunk_ce(logits: Tensor, target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed CE over valid positions (differentiable) and the number of correct top-1 predictions."""
+    logits = logits.float()  # CE in fp32 under bf16 training, as megatron does (fp16_lm_cross_entropy=False)
+    correct = ((_vocab_parallel_argmax(logits.detach()) == target) & valid).sum()
+    # vocab_parallel_cross_entropy overwrites its input in place; the logits are not needed afterwards.
+    ce = vocab_parallel_cross_entropy(logits, torch.where(valid, target, 0))
+    return (ce * valid).sum(), correct
+
+
+def _chunks(seq_len: int, chunk_size: int) -> list[slice]:
+    step = chunk_size if chunk_size > 0 else seq_len
+    return [slice(s, min(s + step, seq_len)) for s in range(0, seq_len, step)]
+
+
+class _DetachedHeadsLoss(torch.autograd.Function):
+    """forward: all heads' forward+backward on detached h; backward: hand the saved gradients on."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, compute: Callable, *params: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        with torch.enable_grad():
+            loss, stats, grad_h, grad_params = compute(h, params)
+        ctx.save_for_backward(grad_h, *grad_params)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_stats: Tensor):  # type: ignore[override]
+        grad_h, *grad_params = ctx.saved_tensors
+        scaled = [None if g is None else g * grad_loss for g in grad_params]
+        return (grad_h * grad_loss, None, *scaled)
+
+
+def mtp_loss(
+    h: Tensor,
+    heads: MTPHeads,
+    unembed: Callable[[Tensor], Tensor],
+    unembed_weight: torch.nn.Parameter,
+    targets: HeadTargets,
+    rotary_pos_emb: Tensor | None,
+    weights: Sequence[float],
+    chunk_size: int = 0,
+    memory_efficient: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Loss = sum_i w_i * mean CE of head i over its valid targets, and [n, 3] per-head stats.
+
+    h: trunk output [T, B, d]. `unembed` maps [t, B, d] -> vocab-parallel logits [t, B, V/tp] with
+    `unembed_weight`. chunk_size > 0 computes the unembedding + CE in sequence chunks of that length.
+    """
+    seq_len, n = h.shape[0], heads.n
+    per_head = [targets.of_head(i, seq_len) for i in range(n)]
+    # mean over this micro-batch's valid targets; the scale is a constant of the graph, like a loss weight
+    scales = [w / max(int(v.sum()), 1) for w, (_, v) in zip(weights, per_head, strict=True)]
+
+    def head_loss(i: int, z: Tensor, backward: bool) -> tuple[Tensor, Tensor, Tensor | None, list]:
+        """Head i: forward (+ backward of its scaled loss if asked), one sequence chunk at a time."""
+        tgt, valid = per_head[i]
+        y = heads.forward_head(i, z, rotary_pos_emb)
+        y_det = y.detach()
+        dy = torch.empty_like(y_det) if backward else None
+        d_weight = None
+        loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        correct = torch.zeros((), dtype=torch.long, device=h.device)
+        for sl in _chunks(seq_len, chunk_size):
+            y_c = y_det[sl].requires_grad_(backward)
+            ce_sum, c = _chunk_ce(unembed(y_c), tgt[sl], valid[sl])
+            loss_sum, correct = loss_sum + ce_sum.detach().float(), correct + c
+            if backward:
+                g_y, g_w = torch.autograd.grad(ce_sum * scales[i], (y_c, unembed_weight))
+                dy[sl] = g_y
+                d_weight = g_w if d_weight is None else d_weight + g_w
+        return loss_sum, correct, (y, dy) if backward else None, d_weight
+
+    def stats_of(rows: list[tuple[Tensor, Tensor]]) -> Tensor:
+        counts = [v.sum() for _, v in per_head]
+        return torch.stack(
+            [torch.stack([s, c.float(), k.float()]) for (s, c), k in zip(rows, counts, strict=True)]
+        )
+
+    def total_loss(rows: list[tuple[Tensor, Tensor]]) -> Tensor:
+        return sum(s * sc for (s, _), sc in zip(rows, scales, strict=True))
+
+    if not torch.is_grad_enabled():  # evaluation: no graph, one head's logits chunk alive at a time
+        rows = [head_loss(i, h, backward=False)[:2] for i in range(n)]
+        return total_loss(rows), stats_of(rows)
+
+    if not memory_efficient:  # the reference: every head's logits stay alive in one graph
+        rows, terms = [], []
+        for i in range(n):
+            tgt, valid = per_head[i]
+            ce_sum, c = _chunk_ce(unembed(heads.forward_head(i, h, rotary_pos_emb)), tgt, valid)
+            terms.append(ce_sum * scales[i])
+            rows.append((ce_sum.detach().float(), c))
+        return sum(terms), stats_of(rows)
+
+    params = list({id(p): p for i in range(n) for p in [unembed_weight, *heads.head_parameters(i)]}.values())
+
+    def compute(h_in: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor, list]:
+        z = h_in.detach().requires_grad_()
+        slot = {id(p): k for k, p in enumerate(params)}
+        grads: list[Tensor | None] = [None] * len(params)
+        grad_z = torch.zeros_like(z)
+        rows = []
+        for i in range(n):
+            loss_sum, correct, (y, dy), d_weight = head_loss(i, z, backward=True)
+            rows.append((loss_sum, correct))
+            own = heads.head_parameters(i)
+            g = torch.autograd.grad(y, [z, *own], grad_outputs=dy, allow_unused=True)
+            grad_z += g[0]
+            for p, gp in zip([unembed_weight, *own], [d_weight, *g[1:]], strict=True):
+                k = slot[id(p)]
+                if gp is not None:
+                    grads[k] = gp if grads[k] is None else grads[k] + gp
+            del y, dy, g
+        return total_loss(rows).detach(), stats_of(rows), grad_z, grads
+
+    return _DetachedHeadsLoss.apply(h, compute, *params)

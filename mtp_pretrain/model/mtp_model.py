@@ -1,0 +1,203 @@
+"""The MTP language model as one megatron-core module with pipeline stages.
+
+    tokens [B, T+n] --embedding--> trunk (L-n Llama blocks, split across pipeline stages) --> h [T, B, d]
+    h --head i (one block) --shared final norm--shared unembedding--> logits predicting token t+i, i=1..n
+
+Stage 0 holds the embedding; the last stage holds the heads, the norm and the unembedding, and returns the
+loss (see loss.py). With n=1 this is exactly a plain L-layer decoder (tests/model/test_mtp_model.py
+compares it to megatron's GPTModel).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from mtp_pretrain import compat
+from mtp_pretrain.config import ModelConfig, MTPConfig, ffn_hidden_size
+from mtp_pretrain.loss import HeadTargets, mtp_loss
+from mtp_pretrain.model.heads import MTPHeads
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
+    """Vocabulary padded so every tensor-parallel shard is equal and aligned (megatron's convention)."""
+    step = multiple * tp
+    return -(-vocab_size // step) * step
+
+
+def transformer_config(
+    model: ModelConfig, mtp: MTPConfig, tp: int = 1, pp: int = 1, bf16: bool = False, recompute: bool = False
+) -> TransformerConfig:
+    """megatron TransformerConfig of the *trunk* (num_layers = L - n); the heads reuse it for their blocks."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    extra: dict = dict(compat.cpu_safe_config_overrides())
+    # The MTP loss takes weight gradients with torch.autograd.grad; fused accumulation would write them
+    # into main_grad behind its back (and count them twice). Off on every device.
+    extra["gradient_accumulation_fusion"] = False
+    if recompute:
+        extra.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return TransformerConfig(
+        num_layers=model.num_layers - mtp.n,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=ffn_hidden_size(model),
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_eps,
+        gated_linear_unit=True,  # SwiGLU
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=model.dropout,
+        attention_dropout=model.dropout,
+        init_method_std=model.init_std,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=bf16,
+        **extra,
+    )
+
+
+class MTPModel(LanguageModule):
+    """Trunk stage (+ embedding on stage 0, + MTP heads and shared unembedding on the last stage)."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        vocab_size: int,
+        n_heads: int,
+        seq_len: int,
+        pre_process: bool = True,
+        post_process: bool = True,
+        tie_embeddings: bool = False,
+        rotary_base: int = 10000,
+        loss_weights: list[float] | None = None,
+        chunk_size: int = 0,
+        memory_efficient: bool = True,
+        layer_spec: ModuleSpec | None = None,
+    ) -> None:
+        super().__init__(config=config)
+        self.vocab_size, self.n_heads, self.seq_len = vocab_size, n_heads, seq_len
+        self.pre_process, self.post_process = pre_process, post_process
+        self.share_embeddings_and_output_weights = tie_embeddings
+        self.loss_weights = list(loss_weights) if loss_weights is not None else [1.0] * n_heads
+        self.chunk_size, self.memory_efficient = chunk_size, memory_efficient
+        self.model_type = ModelType.encoder_or_decoder  # megatron's schedules read it
+        spec = layer_spec or get_gpt_layer_local_spec(normalization="RMSNorm")
+
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config=config, vocab_size=vocab_size, max_sequence_length=seq_len, position_embedding_type="rope"
+            )
+        self.rotary_pos_emb = RotaryEmbedding(
+            kv_channels=config.kv_channels,
+            rotary_percent=1.0,
+            rotary_base=rotary_base,
+            use_cpu_initialization=config.use_cpu_initialization,
+        )
+        # The trunk: no final norm here — each head's block comes first, then the shared norm.
+        self.decoder = TransformerBlock(
+            config=config, spec=spec, post_layer_norm=False, pre_process=pre_process, post_process=post_process
+        )
+        if post_process:
+            self.heads = MTPHeads(config, spec, n_heads, first_layer_number=len(self.decoder.layers) + 1)
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size,
+                vocab_size,
+                config=config,
+                init_method=config.init_method,
+                bias=False,
+                skip_bias_add=False,
+                gather_output=False,  # vocab-parallel logits; the CE reduces across TP
+                skip_weight_param_allocation=pre_process and tie_embeddings,
+            )
+        self.setup_embeddings_and_output_layer()
+
+    def set_input_tensor(self, input_tensor: Tensor | list[Tensor]) -> None:
+        """Pipeline stages > 0 receive the previous stage's activations here (megatron's schedule calls it)."""
+        if isinstance(input_tensor, list):
+            assert len(input_tensor) == 1, "MTPModel takes one input tensor per stage"
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def unembed(self, y: Tensor) -> Tensor:
+        """Shared unembedding: hidden [t, B, d] -> vocab-parallel logits [t, B, V/tp]."""
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(y, weight=weight)
+        return logits
+
+    def unembedding_weight(self) -> torch.nn.Parameter:
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.output_layer.weight
+
+    def trunk(self, input_ids: Tensor | None, seq_len: int) -> tuple[Tensor, Tensor]:
+        """Embedding (stage 0) + this stage's trunk layers -> (hidden [T, B, d], rotary embedding)."""
+        rotary = self.rotary_pos_emb(seq_len)
+        x = self.embedding(input_ids=input_ids, position_ids=None) if self.pre_process else None
+        return self.decoder(hidden_states=x, attention_mask=None, rotary_pos_emb=rotary), rotary
+
+    def forward(self, tokens: Tensor, target_valid: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """tokens [B, T+n]: inputs are the first T, head i's targets are shifted by i.
+
+        Returns this stage's activations, or on the last stage (loss, per-head stats [n, 3]).
+        """
+        seq_len = tokens.shape[1] - self.n_heads
+        h, rotary = self.trunk(tokens[:, :seq_len] if self.pre_process else None, seq_len)
+        if not self.post_process:
+            return h
+        valid = target_valid if target_valid is not None else torch.ones_like(tokens, dtype=torch.bool)
+        return mtp_loss(
+            h,
+            self.heads,
+            self.unembed,
+            self.unembedding_weight(),
+            HeadTargets(tokens, valid),
+            rotary,
+            self.loss_weights,
+            chunk_size=self.chunk_size,
+            memory_efficient=self.memory_efficient,
+        )
+
+    @torch.no_grad()
+    def head_logits(self, tokens: Tensor, heads: int | None = None) -> list[Tensor]:
+        """Vocab-parallel logits [T, B, V/tp] of the first `heads` heads on inputs tokens [B, T] (one stage)."""
+        h, rotary = self.trunk(tokens, tokens.shape[1])
+        k = self.n_heads if heads is None else heads
+        return [self.unembed(self.heads.forward_head(i, h, rotary)) for i in range(k)]
+
+
+def build_model(
+    model: ModelConfig,
+    mtp: MTPConfig,
+    vocab_size: int,
+    config: TransformerConfig,
+    pre_process: bool = True,
+    post_process: bool = True,
+) -> MTPModel:
+    """The model (or this rank's pipeline stage of it) from the structured config."""
+    return MTPModel(
+        config,
+        vocab_size=vocab_size,
+        n_heads=mtp.n,
+        seq_len=model.seq_len,
+        pre_process=pre_process,
+        post_process=post_process,
+        tie_embeddings=model.tie_embeddings,
+        rotary_base=model.rotary_base,
+        loss_weights=mtp.loss_weights,
+        chunk_size=mtp.chunk_size,
+        memory_efficient=mtp.memory_efficient,
+    )

@@ -1,0 +1,94 @@
+"""Process groups: torch.distributed start-up, megatron parallel_state, and the one Layout every module asks.
+
+Backend is NCCL when CUDA is present, else gloo. A plain `python -m mtp_pretrain.cli` (no torchrun) runs
+as a world of one on a local TCP store, so single-process runs and tests use the same code path.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from mtp_pretrain import compat
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Tensor × pipeline × data parallel sizes of this job; validated once, asked by everyone else."""
+
+    world_size: int
+    tp: int = 1
+    pp: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.pp < 1:
+            raise ValueError(f"parallel.tp={self.tp} and parallel.pp={self.pp} must be >= 1")
+        if self.world_size % (self.tp * self.pp):
+            raise ValueError(
+                f"world size {self.world_size} is not divisible by parallel.tp*parallel.pp="
+                f"{self.tp * self.pp}: launch a multiple of tp*pp processes or change tp/pp"
+            )
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, timeout_min: int = 30) -> Layout:
+    """Start torch.distributed (env:// under torchrun, a private world of one otherwise) and megatron groups."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    compat.apply()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python ...`: a world of one
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        backend = "nccl" if compat.cuda_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min))
+    layout = Layout(world_size=dist.get_world_size(), tp=tp, pp=pp)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        )
+    model_parallel_cuda_manual_seed(seed)
+    return layout
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_logging_rank() -> bool:
+    """The rank that prints and logs: the last pipeline stage of the first TP/DP group holds the losses."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return rank() == 0
+    return (
+        parallel_state.is_pipeline_last_stage()
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    )

@@ -1,0 +1,98 @@
+"""The memory-efficient MTP loss gives the naive loss's value and exactly its gradients."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mtp_pretrain.config import ModelConfig, MTPConfig
+from mtp_pretrain.model.mtp_model import build_model, transformer_config
+
+VOCAB = 256
+
+
+def _models(cfg: ModelConfig, n: int, chunk: int, tie: bool = False):
+    torch.manual_seed(0)
+    cfg = replace(cfg, tie_embeddings=tie)
+    mtp_naive = MTPConfig(n=n, memory_efficient=False, loss_weights=[1.0 + 0.5 * i for i in range(n)])
+    mtp_eff = replace(mtp_naive, memory_efficient=True, chunk_size=chunk)
+    naive = build_model(cfg, mtp_naive, VOCAB, transformer_config(cfg, mtp_naive))
+    eff = build_model(cfg, mtp_eff, VOCAB, transformer_config(cfg, mtp_eff))
+    eff.load_state_dict(naive.state_dict())
+    return naive, eff
+
+
+def _batch(cfg: ModelConfig, n: int, padded: bool, batch: int = 3):
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, VOCAB, (batch, cfg.seq_len + n), generator=g)
+    valid = torch.ones_like(tokens, dtype=torch.bool)
+    if padded:  # a ragged tail per sample plus scattered masked targets
+        for b in range(batch):
+            valid[b, cfg.seq_len + n - 3 * b - 1 :] = False
+        valid &= torch.rand(tokens.shape, generator=g) > 0.1
+    return tokens, valid
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.parametrize("chunk", [0, 7])
+@pytest.mark.parametrize("padded", [False, True])
+def test_memory_efficient_gradients_equal_naive(dist_world, tiny_model_cfg, n, chunk, padded):
+    naive, eff = _models(tiny_model_cfg, n, chunk)
+    tokens, valid = _batch(tiny_model_cfg, n, padded)
+    loss_n, stats_n = naive(tokens, valid)
+    loss_e, stats_e = eff(tokens, valid)
+    (2.5 * loss_n).backward()  # an outer scale (grad accumulation, loss scaling) must reach every gradient
+    (2.5 * loss_e).backward()
+    torch.testing.assert_close(loss_e, loss_n, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats_e, stats_n, rtol=1e-6, atol=1e-5)
+    grads_n = dict(naive.named_parameters())
+    checked = 0
+    for name, p in eff.named_parameters():
+        ref = grads_n[name].grad
+        assert (p.grad is None) == (ref is None), name
+        if ref is not None:
+            torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+            checked += 1
+    assert checked == len(list(eff.parameters()))
+
+
+def test_tied_embeddings_gradients_equal_naive(dist_world, tiny_model_cfg):
+    naive, eff = _models(tiny_model_cfg, 3, 5, tie=True)
+    assert not hasattr(eff.output_layer, "weight") or eff.output_layer.weight is None
+    tokens, valid = _batch(tiny_model_cfg, 3, True)
+    naive(tokens, valid)[0].backward()
+    eff(tokens, valid)[0].backward()
+    for (name, p), q in zip(eff.named_parameters(), naive.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_eval_path_matches_training_value_and_keeps_no_graph(dist_world, tiny_model_cfg):
+    _, eff = _models(tiny_model_cfg, 4, 5)
+    tokens, valid = _batch(tiny_model_cfg, 4, True)
+    loss_train, stats_train = eff(tokens, valid)
+    with torch.no_grad():
+        loss_eval, stats_eval = eff(tokens, valid)
+    assert not loss_eval.requires_grad
+    torch.testing.assert_close(loss_eval, loss_train.detach())
+    torch.testing.assert_close(stats_eval, stats_train)
+
+
+def test_stats_count_valid_targets_and_accuracy(dist_world, tiny_model_cfg):
+    _, eff = _models(tiny_model_cfg, 2, 0)
+    tokens, valid = _batch(tiny_model_cfg, 2, True)
+    _, stats = eff(tokens, valid)
+    T = tiny_model_cfg.seq_len
+    for i in range(2):
+        assert stats[i, 2] == valid[:, i + 1 : i + 1 + T].sum()
+        assert 0 <= stats[i, 1] <= stats[i, 2]
+    # an untrained model is near uniform: mean CE close to ln(V)
+    mean_ce = stats[:, 0] / stats[:, 2]
+    assert torch.all((mean_ce - torch.log(torch.tensor(float(VOCAB)))).abs() < 0.5)
+
+
+def test_loss_weights_scale_each_head(dist_world, tiny_model_cfg):
+    _, eff = _models(tiny_model_cfg, 2, 0)
+    tokens, valid = _batch(tiny_model_cfg, 2, False)
+    loss, stats = eff(tokens, valid)
+    means = stats[:, 0] / stats[:, 2]
+    torch.testing.assert_close(loss.detach(), 1.0 * means[0] + 1.5 * means[1])
