@@ -12,6 +12,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from mtp_pretrain.metrics import MetricsConfig  # the `logging` group: one dataclass, owned by metrics
+
 
 class ConfigError(ValueError):
     """A bad configuration value or combination; the message names the key and how to fix it."""
@@ -47,7 +49,7 @@ class DataConfig:
     cache_dir: str = ".cache/data"  # tokenizer + shards are built here once and reused
     vocab_size: int = 4096  # tokenizer vocabulary trained offline
     val_shards: int = 1  # last shards held out for validation
-    docs_per_shard: int = 400
+    docs_per_shard: int = 64  # ~11 shards for the stdlib: a validation shard, and one per DP rank
 
 
 @dataclass
@@ -85,16 +87,6 @@ class TrainerConfig:
 
 
 @dataclass
-class LoggingConfig:
-    wandb_mode: str = "offline"  # offline | online | disabled (no network here: offline)
-    wandb_project: str = "mtp-pretrain"
-    wandb_entity: str | None = None
-    run_name: str | None = None
-    log_every: int = 10
-    plot: bool = True
-
-
-@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mtp: MTPConfig = field(default_factory=MTPConfig)
@@ -102,7 +94,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    logging: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def register_configs() -> None:
@@ -115,7 +107,7 @@ def register_configs() -> None:
         ("optim", OptimConfig),
         ("parallel", ParallelConfig),
         ("trainer", TrainerConfig),
-        ("logging", LoggingConfig),
+        ("logging", MetricsConfig),
     ]:
         cs.store(group=group, name=f"base_{group}", node=node)
 

@@ -51,10 +51,21 @@ def _log(msg: str) -> None:
     print(f"corpus: {msg}", flush=True)
 
 
-def _cache_key(sources: list[str], vocab_size: int, max_docs_per_shard: int, suffixes: Sequence[str],
-               exclude: Sequence[str]) -> str:
-    spec = {"format": CORPUS_FORMAT, "sources": sources, "vocab_size": vocab_size,
-            "max_docs_per_shard": max_docs_per_shard, "suffixes": list(suffixes), "exclude": list(exclude)}
+def _cache_key(
+    sources: list[str],
+    vocab_size: int,
+    max_docs_per_shard: int,
+    suffixes: Sequence[str],
+    exclude: Sequence[str],
+) -> str:
+    spec = {
+        "format": CORPUS_FORMAT,
+        "sources": sources,
+        "vocab_size": vocab_size,
+        "max_docs_per_shard": max_docs_per_shard,
+        "suffixes": list(suffixes),
+        "exclude": list(exclude),
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -85,30 +96,49 @@ def _training_texts(texts: list[str], keys: list[str]) -> list[str]:
     return [texts[i] for i in sorted(subset)]
 
 
-def _build(tmp: Path, sources: list[Path], vocab_size: int, max_docs_per_shard: int,
-           suffixes: Sequence[str], exclude: Sequence[str], spec: dict[str, Any]) -> dict[str, Any]:
+def _build(
+    tmp: Path,
+    sources: list[Path],
+    vocab_size: int,
+    max_docs_per_shard: int,
+    suffixes: Sequence[str],
+    exclude: Sequence[str],
+    spec: dict[str, Any],
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     stats: dict[str, int] = {}
     docs = list(iter_source_documents(sources, suffixes=suffixes, exclude_dirs=exclude, stats=stats))
     texts = [d["text"] for d in docs]
     n_bytes = sum(len(t.encode()) for t in texts)
     skipped = {k: v for k, v in stats.items() if k.startswith("skipped")}
-    _log(f"{len(docs)} docs ({n_bytes / 2**20:.1f} MiB) from {', '.join(map(str, sources))}"
-         + (f", skipped {skipped}" if skipped else "") + f" in {time.perf_counter() - t0:.1f}s")
+    _log(
+        f"{len(docs)} docs ({n_bytes / 2**20:.1f} MiB) from {', '.join(map(str, sources))}"
+        + (f", skipped {skipped}" if skipped else "")
+        + f" in {time.perf_counter() - t0:.1f}s"
+    )
 
     t = time.perf_counter()
-    tok = train_tokenizer(_training_texts(texts, [d["key"] for d in docs]), vocab_size, tmp / "tokenizer.json")
+    tok = train_tokenizer(
+        _training_texts(texts, [d["key"] for d in docs]), vocab_size, tmp / "tokenizer.json"
+    )
     _log(f"tokenizer trained (vocab {tok.get_vocab_size()}) in {time.perf_counter() - t:.1f}s")
 
     t = time.perf_counter()
     num_tokens = len(docs) + sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
-    _log(f"{num_tokens} tokens ({n_bytes / max(num_tokens, 1):.2f} bytes/token) in {time.perf_counter() - t:.1f}s")
+    rate = n_bytes / max(num_tokens, 1)
+    _log(f"{num_tokens} tokens ({rate:.2f} bytes/token) in {time.perf_counter() - t:.1f}s")
 
     t = time.perf_counter()
     shards = write_shards(docs, tmp, max_docs_per_shard=max_docs_per_shard)
     _log(f"wrote {len(shards)} shards in {time.perf_counter() - t:.1f}s")
-    manifest = {**spec, "shards": [p.name for p in shards], "num_docs": len(docs), "num_tokens": num_tokens,
-                "num_bytes": n_bytes, "build_seconds": round(time.perf_counter() - t0, 2)}
+    manifest = {
+        **spec,
+        "shards": [p.name for p in shards],
+        "num_docs": len(docs),
+        "num_tokens": num_tokens,
+        "num_bytes": n_bytes,
+        "build_seconds": round(time.perf_counter() - t0, 2),
+    }
     fd, mtmp = tempfile.mkstemp(dir=tmp, prefix=".manifest.")
     with os.fdopen(fd, "w") as fh:
         json.dump(manifest, fh, indent=1)
@@ -147,8 +177,13 @@ def prepare_corpus(
             raise ValueError(f"corpus source path does not exist: {p}")
     resolved = [str(p.resolve()) for p in sources]
     key = _cache_key(resolved, vocab_size, max_docs_per_shard, suffixes, exclude)
-    spec = {"format": CORPUS_FORMAT, "sources": resolved, "vocab_size": vocab_size,
-            "max_docs_per_shard": max_docs_per_shard, "suffixes": list(suffixes)}
+    spec = {
+        "format": CORPUS_FORMAT,
+        "sources": resolved,
+        "vocab_size": vocab_size,
+        "max_docs_per_shard": max_docs_per_shard,
+        "suffixes": list(suffixes),
+    }
     root = Path(cache_dir)
     final = root / key
 
@@ -178,9 +213,15 @@ def prepare_corpus(
 
     shard_urls = [str(final / s) for s in sorted(manifest["shards"])]
     if len(shard_urls) < val_shards + 1:
-        raise ValueError(f"corpus has {len(shard_urls)} shard(s) but val_shards={val_shards} needs at least "
-                         f"{val_shards + 1}: lower max_docs_per_shard (now {max_docs_per_shard}) or val_shards")
+        raise ValueError(
+            f"corpus has {len(shard_urls)} shard(s) but val_shards={val_shards} needs at least "
+            f"{val_shards + 1}: lower max_docs_per_shard (now {max_docs_per_shard}) or val_shards"
+        )
     n_train = len(shard_urls) - val_shards
-    return Corpus(train_urls=shard_urls[:n_train], val_urls=shard_urls[n_train:],
-                  tokenizer_path=final / "tokenizer.json", num_docs=int(manifest["num_docs"]),
-                  num_tokens=manifest.get("num_tokens"))
+    return Corpus(
+        train_urls=shard_urls[:n_train],
+        val_urls=shard_urls[n_train:],
+        tokenizer_path=final / "tokenizer.json",
+        num_docs=int(manifest["num_docs"]),
+        num_tokens=manifest.get("num_tokens"),
+    )

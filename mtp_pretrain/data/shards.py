@@ -94,7 +94,9 @@ def _iter_path(
                     raise ValueError(f"{path}:{lineno}: record has no {field!r} field (jsonl_text_field)")
                 text = rec[field]
                 if text is not None and not isinstance(text, str):
-                    raise ValueError(f"{path}:{lineno}: field {field!r} is {type(text).__name__}, not a string")
+                    raise ValueError(
+                        f"{path}:{lineno}: field {field!r} is {type(text).__name__}, not a string"
+                    )
                 if text:
                     yield {"key": doc_key(source, i), "text": text, "meta": {"source": source}}
                 else:
@@ -133,12 +135,16 @@ def iter_source_documents(
         if not os.access(p, os.R_OK):
             raise ValueError(f"source path is not readable: {p}")
         if p.is_file() and not (_is_jsonl(p) or p.name.endswith((".txt", *sfx))):
-            raise ValueError(f"unsupported source file {p}: expected a directory, .txt, .jsonl, .jsonl.gz "
-                             f"or a file ending in {sfx}")
+            raise ValueError(
+                f"unsupported source file {p}: expected a directory, .txt, .jsonl, .jsonl.gz "
+                f"or a file ending in {sfx}"
+            )
         checked.append(p)
     if not checked:
         raise ValueError("no source paths given")
-    return _iter_all(checked, sfx, jsonl_text_field, frozenset(exclude_dirs), stats if stats is not None else {})
+    return _iter_all(
+        checked, sfx, jsonl_text_field, frozenset(exclude_dirs), stats if stats is not None else {}
+    )
 
 
 def _iter_all(
@@ -184,12 +190,15 @@ def write_shards(
         n = 0
         pattern = str(tmp / f"{prefix}-%06d.tar")
         # mtime fixed => byte-identical shards for identical input
-        with wds.ShardWriter(pattern, maxcount=max_docs_per_shard, maxsize=max_bytes_per_shard,
-                             verbose=0, mtime=0) as sink:
+        with wds.ShardWriter(
+            pattern, maxcount=max_docs_per_shard, maxsize=max_bytes_per_shard, verbose=0, mtime=0
+        ) as sink:
             for doc in docs:
                 key = doc["key"]
                 if not re.fullmatch(r"[A-Za-z0-9_-]+", key):
-                    raise ValueError(f"document key {key!r} is not tar-safe (allowed: letters, digits, _ and -)")
+                    raise ValueError(
+                        f"document key {key!r} is not tar-safe (allowed: letters, digits, _ and -)"
+                    )
                 sink.write({"__key__": key, "txt": doc["text"], "json": doc.get("meta", {})})
                 n += 1
         if n == 0:

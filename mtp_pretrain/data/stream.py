@@ -81,8 +81,9 @@ def iter_shard_texts(url: str, skip: int = 0) -> Iterator[tuple[int, str | None]
         except StopIteration:
             return
         except Exception as e:
-            raise ShardReadError(f"corrupt or unreadable shard {url} (sample #{idx}): "
-                                 f"{type(e).__name__}: {e}") from e
+            raise ShardReadError(
+                f"corrupt or unreadable shard {url} (sample #{idx}): {type(e).__name__}: {e}"
+            ) from e
         if idx >= skip:
             yield idx, text
         idx += 1
@@ -113,8 +114,10 @@ class PackedBatchStream:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank}, dp_size={dp_size}")
         if len(self.urls) < dp_size:
-            raise ValueError(f"{len(self.urls)} shard(s) for dp_size={dp_size} ranks: every data-parallel "
-                             f"rank needs at least one shard (write more, smaller shards)")
+            raise ValueError(
+                f"{len(self.urls)} shard(s) for dp_size={dp_size} ranks: every data-parallel "
+                f"rank needs at least one shard (write more, smaller shards)"
+            )
         for url in self.urls:
             local = _local_path(url)
             if local is not None and not Path(local).is_file():
@@ -170,8 +173,10 @@ class PackedBatchStream:
             if not self.loop:
                 return  # the partial last batch is dropped
             if full_epoch and tokens_this_pass == 0:  # never spin forever on document-less shards
-                raise ValueError(f"rank {self.dp_rank}: the shards of epoch {self.epoch} contain no documents "
-                                 f"({len(shards)} shards: {shards[:3]}...)")
+                raise ValueError(
+                    f"rank {self.dp_rank}: the shards of epoch {self.epoch} contain no documents "
+                    f"({len(shards)} shards: {shards[:3]}...)"
+                )
             self.epoch += 1
             self.shard_pos = 0
 
@@ -200,7 +205,9 @@ class PackedBatchStream:
         for k in ("seed", "dp_rank", "dp_size", "num_shards"):
             mine = len(self.urls) if k == "num_shards" else getattr(self, k)
             if k in state and state[k] != mine:
-                raise ValueError(f"cannot resume data stream: state has {k}={state[k]}, this stream has {mine}")
+                raise ValueError(
+                    f"cannot resume data stream: state has {k}={state[k]}, this stream has {mine}"
+                )
         self.epoch = int(state["epoch"])
         self.shard_pos = int(state["shard_pos"])
         self.sample_offset = int(state["sample_offset"])

@@ -83,8 +83,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     try:
         tok = Tokenizer.from_file(str(p))
     except Exception as e:
-        raise ValueError(f"cannot load tokenizer {p} (corrupt or not a tokenizers JSON file: {e}); "
-                         f"delete it and {_HOW_TO_BUILD}") from e
+        raise ValueError(
+            f"cannot load tokenizer {p} (corrupt or not a tokenizers JSON file: {e}); "
+            f"delete it and {_HOW_TO_BUILD}"
+        ) from e
     if tok.token_to_id(EOS_TOKEN) is None:
         raise ValueError(f"tokenizer {p} has no {EOS_TOKEN!r} token; {_HOW_TO_BUILD}")
     return _configure(tok)

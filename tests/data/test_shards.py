@@ -20,7 +20,11 @@ KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 def make_docs(n: int, prefix: str = "d") -> list[dict[str, Any]]:
     return [
-        {"key": f"{prefix}{i:04d}", "text": f"# doc {i} ✓\n" + f"x_{i} = {i}\n" * (1 + i % 7), "meta": {"source": f"f{i}.py"}}
+        {
+            "key": f"{prefix}{i:04d}",
+            "text": f"# doc {i} ✓\n" + f"x_{i} = {i}\n" * (1 + i % 7),
+            "meta": {"source": f"f{i}.py"},
+        }
         for i in range(n)
     ]
 
@@ -58,7 +62,11 @@ def test_write_shards_deterministic_and_replaces_stale(tmp_path: Path) -> None:
     (tmp_path / "unrelated.tar").write_bytes(b"keep me")
     b = write_shards(make_docs(15), tmp_path, max_docs_per_shard=10)
     assert [p.name for p in b] == ["shard-000000.tar", "shard-000001.tar"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.tar", "shard-000001.tar", "unrelated.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "shard-000000.tar",
+        "shard-000001.tar",
+        "unrelated.tar",
+    ]
     c = write_shards(make_docs(30), tmp_path, max_docs_per_shard=10)
     assert [p.read_bytes() for p in c] == first  # byte-identical for identical input
 
@@ -120,7 +128,12 @@ def test_same_relative_path_in_two_roots_gets_distinct_keys(tmp_path: Path) -> N
 
 def test_txt_and_jsonl_documents(tmp_path: Path) -> None:
     (tmp_path / "one.txt").write_text("a whole file\nis one document\n")
-    lines = [json.dumps({"text": "first ✓", "id": 1}), "", json.dumps({"text": ""}), json.dumps({"text": "third"})]
+    lines = [
+        json.dumps({"text": "first ✓", "id": 1}),
+        "",
+        json.dumps({"text": ""}),
+        json.dumps({"text": "third"}),
+    ]
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
     with gzip.open(tmp_path / "d2.jsonl.gz", "wt", encoding="utf-8") as fh:
         fh.write(json.dumps({"body": "gz doc"}) + "\n")

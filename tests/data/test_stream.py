@@ -33,8 +33,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     urls = [str(p) for p in write_shards(docs, root / "shards", max_docs_per_shard=DOCS_PER_SHARD)]
     tok = load_tokenizer(tok_path)
     per_shard = {
-        u: [t for d in docs[j * DOCS_PER_SHARD : (j + 1) * DOCS_PER_SHARD]
-            for t in tok.encode(d["text"], add_special_tokens=False).ids + [0]]
+        u: [
+            t
+            for d in docs[j * DOCS_PER_SHARD : (j + 1) * DOCS_PER_SHARD]
+            for t in tok.encode(d["text"], add_special_tokens=False).ids + [0]
+        ]
         for j, u in enumerate(urls)
     }
     return {"root": root, "urls": urls, "tok": tok_path, "per_shard": per_shard}
@@ -55,8 +58,9 @@ def test_batch_shape_and_dtype(data: dict[str, Any]) -> None:
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_one_epoch_equals_concatenated_documents(data: dict[str, Any], shuffle: bool) -> None:
     seq = 13
-    s = PackedBatchStream(data["urls"], data["tok"], batch_size=1, seq_len=seq, shuffle_shards=shuffle,
-                          loop=False, seed=7)
+    s = PackedBatchStream(
+        data["urls"], data["tok"], batch_size=1, seq_len=seq, shuffle_shards=shuffle, loop=False, seed=7
+    )
     order = s.epoch_shards(0)
     assert sorted(order) == sorted(data["urls"])
     if not shuffle:
@@ -85,8 +89,12 @@ def test_data_parallel_ranks_are_disjoint(data: dict[str, Any]) -> None:
     urls = data["urls"]
     for dp_size in (2, 3):
         for epoch in range(3):
-            per_rank = [PackedBatchStream(urls, data["tok"], 1, 8, seed=5, dp_rank=r, dp_size=dp_size)
-                        .epoch_shards(epoch) for r in range(dp_size)]
+            per_rank = [
+                PackedBatchStream(urls, data["tok"], 1, 8, seed=5, dp_rank=r, dp_size=dp_size).epoch_shards(
+                    epoch
+                )
+                for r in range(dp_size)
+            ]
             flat = [u for shards in per_rank for u in shards]
             assert sorted(flat) == sorted(urls) and len(set(flat)) == len(urls)
     # each rank streams exactly its own shards
@@ -108,11 +116,17 @@ def test_resume_is_exact(data: dict[str, Any]) -> None:
         states.append(ref_stream.state_dict())
     m = 4
     positions = [(st["epoch"], st["shard_pos"]) for st in states]
-    shard_change = [k for k in range(total - m) if positions[k][1] != positions[k + 1][1] and positions[k][0] == positions[k + 1][0]]
+    shard_change = [
+        k
+        for k in range(total - m)
+        if positions[k][1] != positions[k + 1][1] and positions[k][0] == positions[k + 1][0]
+    ]
     epoch_change = [k for k in range(total - m) if positions[k][0] != positions[k + m][0]]
     long_buffer = [k for k in range(total - m) if len(states[k]["buffer"]) >= 48]  # >1 batch pending
     assert shard_change and epoch_change and long_buffer
-    ks = sorted({0, 1, total - m - 1, *shard_change[:6], *epoch_change, *long_buffer[:3], *range(0, total - m, 9)})
+    ks = sorted(
+        {0, 1, total - m - 1, *shard_change[:6], *epoch_change, *long_buffer[:3], *range(0, total - m, 9)}
+    )
     for k in ks:
         b = PackedBatchStream(data["urls"], data["tok"], **kw)
         b.load_state_dict(json.loads(json.dumps(states[k])))  # plain python types only
@@ -155,7 +169,9 @@ def test_truncated_shard_raises_naming_it(data: dict[str, Any], tmp_path: Path) 
     for cut in (len(src) // 2 + 100, 2048, 4096):  # anywhere, and at 512-byte block boundaries
         bad = tmp_path / f"broken-{cut}.tar"
         bad.write_bytes(src[:cut])
-        s = PackedBatchStream([str(data["urls"][0]), str(bad)], data["tok"], 1, 8, loop=False, shuffle_shards=False)
+        s = PackedBatchStream(
+            [str(data["urls"][0]), str(bad)], data["tok"], 1, 8, loop=False, shuffle_shards=False
+        )
         with pytest.raises(ShardReadError, match=f"broken-{cut}.tar"):
             list(s)
 

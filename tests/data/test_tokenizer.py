@@ -18,7 +18,7 @@ from mtp_pretrain.data.tokenizer import (
 
 TRAIN_TEXTS = [
     "def add(a, b):\n    return a + b\n",
-    "class Foo:\n    \"\"\"Docstring.\"\"\"\n\n    def __init__(self, x: int) -> None:\n        self.x = x\n",
+    'class Foo:\n    """Docstring."""\n\n    def __init__(self, x: int) -> None:\n        self.x = x\n',
     "for i in range(10):\n\tprint(f'{i:03d}')  # comment\n",
     "import os\nimport sys\n\nif __name__ == '__main__':\n    sys.exit(main())\n",
 ] * 20

@@ -1,0 +1,154 @@
+"""Sharded checkpoints: save, find the latest, load. Knows only the state-dict protocol, not the model.
+
+Layout of one checkpoint (one directory per step under `<run_dir>/checkpoints/`):
+    step_00000100/
+        <megatron dist_checkpointing files>   model + optimizer, sharded, reshardable across TP/PP/DP
+        trainer.pt                            state shared by all ranks (step, schedule, config, versions)
+        rank_00000.pt ...                     per-rank state (RNG streams, data-loader position)
+        metadata.json                         written last inside the directory: files and sizes
+    latest                                    name of the newest complete checkpoint, replaced atomically
+
+A save goes to a hidden temporary directory that is renamed into place only after every rank finished and
+metadata.json lists what was written; `latest` is updated after that. A crash mid-save therefore leaves
+the previous checkpoint loadable, and a directory without valid metadata is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+FORMAT_VERSION = 1
+_LATEST = "latest"
+_TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, partial, corrupt or does not fit this run."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _describe_files(ckpt: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(ckpt)): p.stat().st_size
+        for p in sorted(ckpt.rglob("*"))
+        if p.is_file() and p.name != "metadata.json"
+    }
+
+
+def verify(ckpt: Path) -> dict:
+    """Metadata of a complete checkpoint, or CheckpointError saying what is wrong with it."""
+    meta_path = ckpt / "metadata.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"{ckpt}: no metadata.json — a partial or foreign checkpoint; it is not loaded")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{ckpt}/metadata.json is corrupt ({e})") from e
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{ckpt}: format version {meta.get('format_version')} != {FORMAT_VERSION}")
+    for name, size in meta["files"].items():
+        f = ckpt / name
+        if not f.is_file() or f.stat().st_size != size:
+            raise CheckpointError(f"{ckpt}: file {name} is missing or truncated (expected {size} bytes)")
+    return meta
+
+
+class Checkpointer:
+    """Saves and finds checkpoints under `root`, keeping the newest `keep_last`."""
+
+    def __init__(self, root: str | Path, keep_last: int = 2) -> None:
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    def save(self, step: int, sharded: dict, common: dict[str, Any], per_rank: dict[str, Any]) -> Path:
+        from megatron.core import dist_checkpointing
+
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f"{_TMP_PREFIX}{final.name}"
+        if _rank() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+            tmp.mkdir()
+        _barrier()
+        dist_checkpointing.save(sharded, str(tmp))
+        torch.save(per_rank, tmp / f"rank_{_rank():05d}.pt")
+        if _rank() == 0:
+            torch.save(common, tmp / "trainer.pt")
+        _barrier()  # every rank's files are on disk
+        if _rank() == 0:
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "step": step,
+                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                "files": _describe_files(tmp),
+            }
+            _atomic_write_text(tmp / "metadata.json", json.dumps(meta, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _atomic_write_text(self.root / _LATEST, final.name)
+            self._retain()
+        _barrier()
+        return final
+
+    def _retain(self) -> None:
+        """Delete all but the newest keep_last complete checkpoints; never the one `latest` names."""
+        latest = (self.root / _LATEST).read_text().strip()
+        done = sorted(p for p in self.root.glob("step_*") if (p / "metadata.json").is_file())
+        for old in done[: -self.keep_last]:
+            if old.name != latest:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        """The newest valid checkpoint: the one `latest` names, else the newest that verifies."""
+        marker = self.root / _LATEST
+        candidates = []
+        if marker.is_file():
+            candidates.append(self.root / marker.read_text().strip())
+        candidates += sorted(self.root.glob("step_*"), reverse=True)
+        for c in candidates:
+            try:
+                verify(c)
+                return c
+            except CheckpointError as e:
+                if _rank() == 0:
+                    print(f"checkpoint: skipping {c.name}: {e}")
+        return None
+
+    @staticmethod
+    def load(ckpt: Path, sharded_template: dict) -> tuple[dict, dict, dict | None]:
+        """(sharded state, common state, this rank's state or None if the world size changed)."""
+        from megatron.core import dist_checkpointing
+
+        meta = verify(ckpt)
+        state = dist_checkpointing.load(sharded_template, str(ckpt))
+        common = torch.load(ckpt / "trainer.pt", weights_only=True)
+        rank_file = ckpt / f"rank_{_rank():05d}.pt"
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        per_rank = torch.load(rank_file, weights_only=True) if meta["world_size"] == world else None
+        return state, common, per_rank

@@ -1,0 +1,93 @@
+"""Entry points: `mtp-train` (Hydra app; also `python -m mtp_pretrain.cli`), shard and tokenizer tools.
+
+Set-up errors (bad config combination, missing or empty corpus, bad checkpoint) end the run with one
+line naming the problem and exit status 2, before any training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from mtp_pretrain.config import ConfigError, register_configs, to_config
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _fail(message: str) -> None:
+    print(f"mtp-train: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
+def _train_app(raw: DictConfig) -> None:
+    from mtp_pretrain import parallel
+    from mtp_pretrain.checkpoint import CheckpointError
+    from mtp_pretrain.trainer import Trainer
+
+    try:
+        cfg = to_config(raw)
+        trainer = Trainer(cfg)
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    result = trainer.fit()
+    if parallel.is_logging_rank():
+        print(f"done: {result.step} steps in {result.run_dir}")
+        print(f"  checkpoint: {result.checkpoint}")
+        print(f"  wandb run:  {result.paths.get('wandb') or '(disabled)'}")
+        print(f"  loss plot:  {result.paths.get('plot') or '(disabled)'}")
+    parallel.destroy_distributed()
+
+
+def train() -> None:
+    register_configs()
+    _train_app()
+
+
+def make_shards(argv: list[str] | None = None) -> None:
+    """mtp-make-shards SOURCE... --out DIR: documents from files/dirs/JSONL into webdataset tar shards."""
+    from mtp_pretrain.data.shards import iter_source_documents, write_shards
+
+    p = argparse.ArgumentParser(prog="mtp-make-shards", description=make_shards.__doc__)
+    p.add_argument("sources", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--prefix", default="shard")
+    p.add_argument("--docs-per-shard", type=int, default=1000)
+    p.add_argument("--suffixes", default=".py,.txt,.md", help="file suffixes taken from directories")
+    p.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl inputs")
+    a = p.parse_args(argv)
+    try:
+        docs = iter_source_documents(a.sources, suffixes=tuple(a.suffixes.split(",")), jsonl_text_field=a.text_field)
+        shards = write_shards(docs, a.out, prefix=a.prefix, max_docs_per_shard=a.docs_per_shard)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mtp-make-shards: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {len(shards)} shard(s) to {a.out}")
+
+
+def train_tokenizer(argv: list[str] | None = None) -> None:
+    """mtp-train-tokenizer SOURCE... --out tokenizer.json --vocab-size N: byte-level BPE, offline."""
+    from mtp_pretrain.data.shards import iter_source_documents
+    from mtp_pretrain.data.tokenizer import train_tokenizer as train_bpe
+
+    p = argparse.ArgumentParser(prog="mtp-train-tokenizer", description=train_tokenizer.__doc__)
+    p.add_argument("sources", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--suffixes", default=".py,.txt,.md")
+    a = p.parse_args(argv)
+    try:
+        texts = (d["text"] for d in iter_source_documents(a.sources, suffixes=tuple(a.suffixes.split(","))))
+        tok = train_bpe(texts, a.vocab_size, a.out)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mtp-train-tokenizer: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {a.out} (vocab {tok.get_vocab_size()})")
+
+
+if __name__ == "__main__":  # dist_checkpointing's helper process re-imports __main__: keep this guard
+    train()

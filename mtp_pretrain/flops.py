@@ -1,0 +1,46 @@
+"""Model FLOPs per trained token, from the model's shape, and this machine's peak for MFU."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mtp_pretrain.config import ModelConfig, ffn_hidden_size
+
+
+def block_params(m: ModelConfig) -> int:
+    """Weights of one Llama block (attention + SwiGLU MLP), norms excluded."""
+    d, heads = m.hidden_size, m.num_attention_heads
+    kv = (m.num_query_groups or heads) * (d // heads)
+    return d * (d + 2 * kv) + d * d + 3 * d * ffn_hidden_size(m)
+
+
+def train_flops_per_token(m: ModelConfig, n_heads: int, vocab_size: int) -> float:
+    """Forward + backward FLOPs of one input position: 6 * (matmul weights touched) + attention scores.
+
+    Trunk (L-n blocks) once, then n head blocks and n unembeddings. At equal L, n=4 and n=1 differ only
+    by the (n-1) extra unembeddings (the paper's fair comparison keeps L fixed).
+    """
+    blocks = m.num_layers  # (L - n) trunk + n heads
+    matmul = blocks * block_params(m) + n_heads * vocab_size * m.hidden_size
+    attention = blocks * 2 * 2 * m.seq_len * m.hidden_size  # QK^T and AV, causal not discounted
+    return 6.0 * matmul + 3.0 * attention
+
+
+def peak_flops(dtype: torch.dtype = torch.float32) -> float:
+    """Peak matmul FLOP/s of this device: the data-sheet figure on GPUs, a 0.3 s measurement on CPU."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        dense_bf16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+        for key, value in dense_bf16.items():
+            if key in name:
+                return value if dtype == torch.bfloat16 else value / 2
+        return 100e12
+    a = torch.randn(512, 512, dtype=dtype)
+    a @ a  # warm-up
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.3:
+        a @ a
+        reps += 1
+    return reps * 2 * 512**3 / (time.perf_counter() - t0)

@@ -1,0 +1,213 @@
+"""The training loop. Short on purpose: it composes data, model, engine, checkpoint and metrics components.
+
+Stateful components expose state_dict()/load_state_dict(); the checkpoint module stores them by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+from megatron.core import parallel_state
+from omegaconf import OmegaConf
+
+from mtp_pretrain import parallel
+from mtp_pretrain.checkpoint import CheckpointError, Checkpointer
+from mtp_pretrain.config import Config
+from mtp_pretrain.data.corpus import Corpus, prepare_corpus
+from mtp_pretrain.data.stream import PackedBatchStream
+from mtp_pretrain.data.tokenizer import load_tokenizer, tokenizer_hash
+from mtp_pretrain.engine.megatron import Batch, MegatronEngine
+from mtp_pretrain.flops import peak_flops, train_flops_per_token
+from mtp_pretrain.loss import STAT_CORRECT, STAT_COUNT, STAT_LOSS_SUM
+from mtp_pretrain.metrics import MetricsLogger
+from mtp_pretrain.model.mtp_model import build_model, padded_vocab_size, transformer_config
+from mtp_pretrain.rng import get_rng_state, set_rng_state
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float]  # total training loss of every step run in this call
+    head_losses: list[list[float]]  # per-head mean loss of every step run in this call
+    val: dict[str, float]  # the last validation metrics
+    run_dir: Path
+    checkpoint: Path | None
+    paths: dict[str, str]
+
+
+def head_metrics(stats: torch.Tensor, loss: float) -> dict[str, float]:
+    """Per-head mean loss and top-1 accuracy from summed [n, 3] stats."""
+    count = stats[:, STAT_COUNT].clamp(min=1)
+    out = {"loss": loss}
+    for i, (lsum, correct, c) in enumerate(
+        zip(stats[:, STAT_LOSS_SUM], stats[:, STAT_CORRECT], count, strict=True), start=1
+    ):
+        out[f"loss/head{i}"] = float(lsum / c)
+        out[f"acc/head{i}"] = float(correct / c)
+    return out
+
+
+def _versions() -> dict[str, str]:
+    names = ["torch", "megatron-core", "mtp-pretrain"]
+    return {n: importlib.metadata.version(n) for n in names}
+
+
+class Trainer:
+    """Builds every component from the config (fails early on bad input), then `fit()` trains."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        t = cfg.trainer
+        self.layout = parallel.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=t.seed)
+        self.run_dir = Path(t.run_dir)
+        self.corpus = self._prepare_corpus()
+        self.vocab_size = load_tokenizer(self.corpus.tokenizer_path).get_vocab_size()
+        torch.manual_seed(t.seed)  # identical initial weights for every layout
+        self.tconfig = transformer_config(
+            cfg.model, cfg.mtp, cfg.parallel.tp, cfg.parallel.pp, bf16=t.bf16, recompute=t.recompute
+        )
+        model = build_model(
+            cfg.model,
+            cfg.mtp,
+            padded_vocab_size(self.vocab_size, cfg.parallel.tp),
+            self.tconfig,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+        )
+        self.engine = MegatronEngine(model, self.tconfig, cfg.optim, t.steps, bf16=t.bf16)
+        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        self.sample_len = cfg.model.seq_len + cfg.mtp.n
+        self.train_data = PackedBatchStream(
+            self.corpus.train_urls, self.corpus.tokenizer_path, t.micro_batch_size, self.sample_len,
+            seed=t.seed, dp_rank=dp_rank, dp_size=dp_size,
+        )  # fmt: skip
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep_last=t.keep_last)
+        self.step = 0
+        self.consumed_tokens = 0
+        self._resume()
+        self.metrics = MetricsLogger(
+            cfg.logging,
+            self.run_dir,
+            total_steps=t.steps,
+            start_step=self.step,
+            enabled=parallel.is_logging_rank(),
+            config_dict=dataclasses.asdict(cfg),
+            n_heads=cfg.mtp.n,
+        )
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    def _prepare_corpus(self) -> Corpus:
+        d = self.cfg.data
+
+        def build() -> Corpus:
+            return prepare_corpus(d.source, d.cache_dir, d.vocab_size, d.val_shards, d.docs_per_shard)
+
+        # rank 0 builds the cache once; the others then only read it
+        if parallel.rank() == 0:
+            corpus = build()
+        torch.distributed.barrier()
+        return corpus if parallel.rank() == 0 else build()
+
+    def _common_state(self) -> dict:
+        return {
+            "trainer": {"step": self.step, "consumed_tokens": self.consumed_tokens},
+            "engine": self.engine.state_dict(),
+            "config": OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
+            "tokenizer_hash": tokenizer_hash(self.corpus.tokenizer_path),
+            "versions": _versions(),
+        }
+
+    def _resume(self) -> None:
+        mode = self.cfg.trainer.resume
+        if mode == "none":
+            return
+        ckpt = self.checkpointer.latest() if mode == "auto" else Path(mode)
+        if ckpt is None:
+            return
+        sharded, common, per_rank = self.checkpointer.load(ckpt, self.engine.sharded_state_dict())
+        if common["tokenizer_hash"] != tokenizer_hash(self.corpus.tokenizer_path):
+            raise CheckpointError(f"{ckpt} was trained with another tokenizer; point data.* at the same corpus")
+        self.engine.load_sharded_state_dict(sharded)
+        self.engine.load_state_dict(common["engine"])
+        self.step = common["trainer"]["step"]
+        self.consumed_tokens = common["trainer"]["consumed_tokens"]
+        if per_rank is not None:
+            set_rng_state(per_rank["rng"])
+            self.train_data.load_state_dict(per_rank["data"])
+        if parallel.rank() == 0:
+            print(f"resumed from {ckpt} at step {self.step}")
+
+    def save(self) -> Path:
+        return self.checkpointer.save(
+            self.step,
+            self.engine.sharded_state_dict(),
+            common=self._common_state(),
+            per_rank={"rng": get_rng_state(), "data": self.train_data.state_dict()},
+        )
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def _micro_batches(self, stream: Iterator[torch.Tensor], count: int) -> Iterator[Batch]:
+        for tokens in itertools.islice(stream, count):
+            yield tokens, torch.ones_like(tokens, dtype=torch.bool)
+
+    def validate(self) -> dict[str, float]:
+        t = self.cfg.trainer
+        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        val = PackedBatchStream(
+            self.corpus.val_urls, self.corpus.tokenizer_path, t.micro_batch_size, self.sample_len,
+            seed=0, dp_rank=dp_rank % len(self.corpus.val_urls), dp_size=min(dp_size, len(self.corpus.val_urls)),
+            shuffle_shards=False,
+        )  # fmt: skip
+        loss, stats = self.engine.eval_step(
+            self._micro_batches(val, t.val_batches), t.val_batches, self.cfg.model.seq_len, t.micro_batch_size
+        )
+        return head_metrics(stats, loss) if stats is not None else {}
+
+    def fit(self) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.trainer
+        tokens_per_step = t.micro_batch_size * cfg.model.seq_len * t.grad_accum * self.layout.dp
+        flops_per_token = train_flops_per_token(cfg.model, cfg.mtp.n, self.vocab_size)
+        peak = peak_flops(torch.bfloat16 if t.bf16 else torch.float32) * self.layout.world_size
+        losses, head_losses, val, ckpt = [], [], {}, None
+        while self.step < t.steps:
+            start = time.perf_counter()
+            result = self.engine.train_step(
+                self._micro_batches(self.train_data, t.grad_accum), t.grad_accum, cfg.model.seq_len, t.micro_batch_size
+            )
+            elapsed = time.perf_counter() - start
+            self.step += 1
+            self.consumed_tokens += tokens_per_step
+            if result.head_stats is not None:
+                m = head_metrics(result.head_stats, result.loss)
+                losses.append(result.loss)
+                head_losses.append([m[f"loss/head{i + 1}"] for i in range(cfg.mtp.n)])
+                tps = tokens_per_step / elapsed
+                m.update(
+                    lr=result.lr,
+                    grad_norm=result.grad_norm,
+                    tokens_per_s=tps,
+                    mfu=tps * flops_per_token / peak,
+                    mem_gb=_memory_gb(),
+                )
+                self.metrics.log_train(self.step, m)
+            if t.val_every and (self.step % t.val_every == 0 or self.step == t.steps):
+                val = self.validate()
+                self.metrics.log_val(self.step, val)
+            if (t.save_every and self.step % t.save_every == 0) or self.step == t.steps:
+                ckpt = self.save()
+        paths = self.metrics.finish()
+        return TrainResult(self.step, losses, head_losses, val, self.run_dir, ckpt, paths)
+
+
+def _memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return psutil.Process().memory_info().rss / 2**30
