@@ -5,11 +5,11 @@ Layout of one checkpoint (one directory per step under `<run_dir>/checkpoints/`)
         <megatron dist_checkpointing files>   model + optimizer, sharded, reshardable across TP/PP/DP
         trainer.pt                            state shared by all ranks (step, schedule, config, versions)
         rank_00000.pt ...                     per-rank state (RNG streams, data-loader position)
-        metadata.json                         written last inside the directory: files and sizes
+        mtp_checkpoint.json                   written last inside the directory: files and sizes
     latest                                    name of the newest complete checkpoint, replaced atomically
 
 A save goes to a hidden temporary directory that is renamed into place only after every rank finished and
-metadata.json lists what was written; `latest` is updated after that. A crash mid-save therefore leaves
+mtp_checkpoint.json lists what was written; `latest` is updated after that. A crash mid-save therefore leaves
 the previous checkpoint loadable, and a directory without valid metadata is never loaded.
 """
 
@@ -56,19 +56,19 @@ def _describe_files(ckpt: Path) -> dict[str, int]:
     return {
         str(p.relative_to(ckpt)): p.stat().st_size
         for p in sorted(ckpt.rglob("*"))
-        if p.is_file() and p.name != "metadata.json"
+        if p.is_file() and p.name != "mtp_checkpoint.json"
     }
 
 
 def verify(ckpt: Path) -> dict:
     """Metadata of a complete checkpoint, or CheckpointError saying what is wrong with it."""
-    meta_path = ckpt / "metadata.json"
+    meta_path = ckpt / "mtp_checkpoint.json"
     if not meta_path.is_file():
-        raise CheckpointError(f"{ckpt}: no metadata.json — a partial or foreign checkpoint; it is not loaded")
+        raise CheckpointError(f"{ckpt}: no mtp_checkpoint.json — a partial or foreign checkpoint; it is not loaded")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{ckpt}/metadata.json is corrupt ({e})") from e
+        raise CheckpointError(f"{ckpt}/mtp_checkpoint.json is corrupt ({e})") from e
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{ckpt}: format version {meta.get('format_version')} != {FORMAT_VERSION}")
     for name, size in meta["files"].items():
@@ -107,7 +107,7 @@ class Checkpointer:
                 "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                 "files": _describe_files(tmp),
             }
-            _atomic_write_text(tmp / "metadata.json", json.dumps(meta, indent=1))
+            _atomic_write_text(tmp / "mtp_checkpoint.json", json.dumps(meta, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -119,7 +119,7 @@ class Checkpointer:
     def _retain(self) -> None:
         """Delete all but the newest keep_last complete checkpoints; never the one `latest` names."""
         latest = (self.root / _LATEST).read_text().strip()
-        done = sorted(p for p in self.root.glob("step_*") if (p / "metadata.json").is_file())
+        done = sorted(p for p in self.root.glob("step_*") if (p / "mtp_checkpoint.json").is_file())
         for old in done[: -self.keep_last]:
             if old.name != latest:
                 shutil.rmtree(old, ignore_errors=True)

@@ -18,6 +18,21 @@ from mtp_pretrain.config import ConfigError, register_configs, to_config
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
+def _quiet_libraries() -> None:
+    """Silence known, harmless library chatter so the progress lines stay readable."""
+    import logging
+    import warnings
+
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    for message in (
+        "The .grad attribute of a Tensor that is not a leaf",  # megatron's zero_grad on shard views
+        ".*is deprecated. Please use",  # torch.distributed collectives megatron still calls
+        "Apex is not installed",
+        "Transformer Engine and Apex are not installed",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+
+
 def _fail(message: str) -> None:
     print(f"mtp-train: error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -29,6 +44,7 @@ def _train_app(raw: DictConfig) -> None:
     from mtp_pretrain.checkpoint import CheckpointError
     from mtp_pretrain.trainer import Trainer
 
+    _quiet_libraries()
     try:
         cfg = to_config(raw)
         trainer = Trainer(cfg)

@@ -128,7 +128,7 @@ def mtp_loss(
             if backward:
                 g_y, g_w = torch.autograd.grad(ce_sum * scales[i], (y_c, unembed_weight))
                 dy[sl] = g_y
-                d_weight = g_w if d_weight is None else d_weight + g_w
+                d_weight = g_w if d_weight is None else d_weight.add_(g_w)
         return loss_sum, correct, (y, dy) if backward else None, d_weight
 
     def stats_of(rows: list[tuple[Tensor, Tensor]]) -> Tensor:
@@ -170,7 +170,7 @@ def mtp_loss(
             for p, gp in zip([unembed_weight, *own], [d_weight, *g[1:]], strict=True):
                 k = slot[id(p)]
                 if gp is not None:
-                    grads[k] = gp if grads[k] is None else grads[k] + gp
+                    grads[k] = gp if grads[k] is None else grads[k].add_(gp)  # in place: no 2nd copy
             del y, dy, g
         return total_loss(rows).detach(), stats_of(rows), grad_z, grads
 

@@ -19,7 +19,7 @@ from megatron.core import parallel_state
 from omegaconf import OmegaConf
 
 from mtp_pretrain import parallel
-from mtp_pretrain.checkpoint import CheckpointError, Checkpointer
+from mtp_pretrain.checkpoint import Checkpointer, CheckpointError
 from mtp_pretrain.config import Config
 from mtp_pretrain.data.corpus import Corpus, prepare_corpus
 from mtp_pretrain.data.stream import PackedBatchStream
@@ -132,7 +132,7 @@ class Trainer:
         ckpt = self.checkpointer.latest() if mode == "auto" else Path(mode)
         if ckpt is None:
             return
-        sharded, common, per_rank = self.checkpointer.load(ckpt, self.engine.sharded_state_dict())
+        sharded, common, per_rank = self.checkpointer.load(ckpt, self.engine.sharded_state_dict(is_loading=True))
         if common["tokenizer_hash"] != tokenizer_hash(self.corpus.tokenizer_path):
             raise CheckpointError(f"{ckpt} was trained with another tokenizer; point data.* at the same corpus")
         self.engine.load_sharded_state_dict(sharded)

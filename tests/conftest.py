@@ -27,3 +27,40 @@ def make_mtp(n: int, **kw) -> MTPConfig:
 @pytest.fixture
 def seeded():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_source(tmp_path_factory):
+    """A small deterministic tree of Python files standing in for a corpus (fast to tokenize)."""
+    root = tmp_path_factory.mktemp("src")
+    for i in range(40):
+        body = "\n".join(
+            f"def f_{i}_{j}(x, y={j}):\n    '''Return x scaled by {j}.'''\n    return x * y + {i}\n" for j in range(6)
+        )
+        (root / f"mod_{i:03d}.py").write_text(f"import os\n\n{body}\n")
+    return root
+
+
+def compose_config(*overrides: str):
+    """The real Hydra config (conf/train.yaml) with overrides, as the CLI builds it."""
+    from hydra import compose, initialize_config_dir
+
+    from mtp_pretrain.cli import CONF_DIR
+    from mtp_pretrain.config import register_configs, to_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return to_config(compose(config_name="train", overrides=list(overrides)))
+
+
+def tiny_run_overrides(source, cache, run_dir, **extra) -> list[str]:
+    """A seconds-long training run on the synthetic corpus."""
+    base = {
+        "model.num_layers": 3, "model.hidden_size": 32, "model.num_attention_heads": 2, "model.seq_len": 16,
+        "mtp.n": 2, "data.source": f"[{source}]", "data.cache_dir": str(cache), "data.vocab_size": 300,
+        "data.docs_per_shard": 5, "trainer.micro_batch_size": 2, "trainer.steps": 6, "trainer.val_every": 3,
+        "trainer.val_batches": 2, "trainer.save_every": 3, "trainer.run_dir": str(run_dir),
+        "logging.wandb_mode": "disabled", "logging.log_every": 1, "optim.warmup_steps": 2,
+    }  # fmt: skip
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

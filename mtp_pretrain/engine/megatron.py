@@ -7,13 +7,18 @@ schedules (which also do gradient accumulation). With one process it is the same
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -134,18 +139,23 @@ class MegatronEngine:
         return _reduce_outputs(self._run(batches, num_microbatches, seq_len, micro_batch, forward_only=True))
 
     # -- checkpoint protocol ------------------------------------------------------------------------
-    def sharded_state_dict(self) -> dict:
-        model_sd = self.model.sharded_state_dict()
-        return {
-            "model": model_sd,
-            "optimizer": self.optimizer.sharded_state_dict(
-                model_sd, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
-            ),
-        }
+    def sharded_state_dict(self, is_loading: bool = False) -> dict:
+        """Model + optimizer as megatron ShardedTensors (a template to fill when is_loading)."""
+        model_sd = self.model.module.sharded_state_dict()  # keys without the DDP wrapper's "module."
+        if is_loading:
+            _set_adam_steps(self.optimizer, present=True)
+        optim_sd = self.optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+        )
+        if is_loading:
+            _set_adam_steps(self.optimizer, present=False)
+        return {"model": model_sd, "optimizer": optim_sd}
 
     def load_sharded_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.model.module.load_state_dict(state["model"])
+        with _tolerate_missing_step(self.optimizer):
+            self.optimizer.load_state_dict(state["optimizer"])
+        _unshare_adam_steps(self.optimizer)
 
     def state_dict(self) -> dict:
         """Non-sharded engine state (the same on every rank): the LR/WD schedule."""
@@ -153,6 +163,70 @@ class MegatronEngine:
 
     def load_state_dict(self, state: dict) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _set_adam_steps(optimizer: Any, present: bool) -> None:
+    """Allocate Adam state with a `step` per parameter (present=True), or drop the `step`s again.
+
+    megatron-core 0.16's DistributedOptimizer on its no-Apex/TE path (plain torch Adam) cannot describe
+    what it is about to load: building its state dict asserts one common `step` across parameter states,
+    but its init_state_fn creates exp_avg/exp_avg_sq without `step`. Its load then expects no `step` in
+    the per-parameter state (it restores `step` from the param groups). So: steps in for the template,
+    out for the load. The values are placeholders that the load overwrites.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if present:
+            opt.init_state_fn(opt.optimizer, opt.config)
+        for group in opt.optimizer.param_groups:
+            for p in group["params"]:
+                if present:
+                    opt.optimizer.state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
+                else:
+                    opt.optimizer.state[p].pop("step", None)
+
+
+@contextlib.contextmanager
+def _tolerate_missing_step(optimizer: Any) -> Iterator[None]:
+    """Let megatron-core 0.16's DistributedOptimizer load its own checkpoint on the plain-torch-Adam path.
+
+    Its load first restores `step` into every parameter's state (from the param groups), then copies
+    each per-parameter state key from the checkpoint — which holds no `step` — and fails with
+    KeyError('step'). We hand it the step it already restored (a self-copy) for the duration of the load.
+    """
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        original = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if original is None:
+            continue
+
+        def set_states(model_param: Tensor, tensors: dict, opt: Any = opt, original: Callable = original) -> None:
+            group, order = opt.model_param_group_index_map[model_param]
+            state = opt.optimizer.state[opt.optimizer.param_groups[group]["params"][order]]
+            if "step" in state and "step" not in tensors:
+                tensors = {**tensors, "step": state["step"].clone()}
+            original(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = set_states
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+
+
+def _unshare_adam_steps(optimizer: Any) -> None:
+    """Give every parameter its own Adam `step` tensor after a load.
+
+    megatron-core 0.16's DistributedOptimizer, on its no-Apex/TE path (plain torch Adam), restores one
+    `step` tensor object into every parameter's state; torch Adam increments it in place once per
+    parameter, so bias correction drifts after resume (measured: losses off by 0.43). Cloning restores
+    the uninterrupted run exactly; tests/test_trainer.py checks resume bit-exactness.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in opt.optimizer.state.values():
+            if isinstance(state.get("step"), Tensor):
+                state["step"] = state["step"].clone()
 
 
 def _reduce_outputs(outputs: list[dict]) -> tuple[float, Tensor | None]:

@@ -1,0 +1,120 @@
+"""Peak memory of one training step's loss + backward: naive MTP vs memory-efficient vs chunked.
+
+Same trunk for every row (its layer count is fixed; n head blocks are added on top), one process.
+
+Method. On a GPU: torch.cuda.reset_peak_memory_stats / max_memory_allocated around the step.
+On CPU: Linux's resident-set high-water mark (VmHWM), reset right before the step by writing "5" to
+/proc/self/clear_refs; the figure is VmHWM after the step minus VmRSS before it. glibc's mmap threshold is
+pinned low (MALLOC_MMAP_THRESHOLD_, set before torch loads) so every tensor above 64 KiB is an mmap that
+is returned to the OS when freed, making RSS follow live tensor bytes. Parameter .grad buffers are
+allocated by a warm-up step first, so the figure is the step's activations and temporaries.
+
+    python tools/bench_loss_memory.py [--vocab 32768 --seq 512 --batch 4 --hidden 256]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # must be set before the allocator starts
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import re  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+import torch  # noqa: E402
+
+from mtp_pretrain import parallel  # noqa: E402
+from mtp_pretrain.config import ModelConfig, MTPConfig  # noqa: E402
+from mtp_pretrain.model.mtp_model import build_model, transformer_config  # noqa: E402
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+def measure_step_peak(model: torch.nn.Module, tokens: torch.Tensor) -> int:
+    """Bytes of peak memory one forward+backward adds on top of what is alive before it."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss, _ = model(tokens)
+        loss.backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current RSS
+    loss, _ = model(tokens)
+    loss.backward()
+    del loss
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    parallel.init_distributed()
+    trunk_layers = args.trunk_layers
+    base = ModelConfig(
+        preset="bench", num_layers=trunk_layers + 1, hidden_size=args.hidden,
+        num_attention_heads=args.heads, seq_len=args.seq,
+    )  # fmt: skip
+    modes = {
+        "naive": dict(memory_efficient=False),
+        "efficient": dict(memory_efficient=True),
+        f"chunked({args.chunk})": dict(memory_efficient=True, chunk_size=args.chunk),
+    }
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    rows = []
+    for n in args.n:
+        for mode, kw in modes.items():
+            torch.manual_seed(0)
+            cfg = replace(base, num_layers=trunk_layers + n)
+            mtp = MTPConfig(n=n, **kw)
+            model = build_model(cfg, mtp, args.vocab, transformer_config(cfg, mtp)).to(dev)
+            tokens = torch.randint(0, args.vocab, (args.batch, args.seq + n), device=dev)
+            model(tokens)[0].backward()  # warm-up: allocates every .grad
+            peak = min(measure_step_peak(model, tokens) for _ in range(args.repeat))
+            rows.append({"n": n, "mode": mode, "peak_bytes": peak})
+            del model, tokens
+            gc.collect()
+    return rows
+
+
+def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    ref = next(r["peak_bytes"] for r in rows if r["n"] == 1 and r["mode"] == "efficient")
+    logits = args.seq * args.batch * args.vocab * 4
+    print(f"\nloss-step peak memory (V={args.vocab}, T={args.seq}, B={args.batch}, d={args.hidden}, "
+          f"trunk {args.trunk_layers} layers; one head's fp32 logits = {logits / 2**20:.0f} MiB)")  # fmt: skip
+    print(f"{'n':>3} {'mode':<14} {'peak MiB':>10} {'x efficient n=1':>16} {'x naive same n':>15}")
+    for r in rows:
+        naive = next(q["peak_bytes"] for q in rows if q["n"] == r["n"] and q["mode"] == "naive")
+        print(f"{r['n']:>3} {r['mode']:<14} {r['peak_bytes'] / 2**20:>10.1f} {r['peak_bytes'] / ref:>16.2f} "
+              f"{r['peak_bytes'] / naive:>15.2f}")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--trunk-layers", type=int, default=2)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--n", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--repeat", type=int, default=2, help="measurements per row; the minimum is kept")
+    args = p.parse_args(argv)
+    rows = run(args)
+    print_table(rows, args)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
