@@ -67,8 +67,10 @@ def verify(ckpt: Path) -> dict:
         raise CheckpointError(f"{ckpt}: no mtp_checkpoint.json — a partial or foreign checkpoint; it is not loaded")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
         raise CheckpointError(f"{ckpt}/mtp_checkpoint.json is corrupt ({e})") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
+        raise CheckpointError(f"{ckpt}/mtp_checkpoint.json is corrupt (no 'files' table)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{ckpt}: format version {meta.get('format_version')} != {FORMAT_VERSION}")
     for name, size in meta["files"].items():
@@ -92,7 +94,11 @@ class Checkpointer:
         tmp = self.root / f"{_TMP_PREFIX}{final.name}"
         if _rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+            for stale in self.root.glob(f"{_TMP_PREFIX}*"):  # left by a crash during an earlier save
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
             tmp.mkdir()
         _barrier()
         dist_checkpointing.save(sharded, str(tmp))
@@ -130,7 +136,7 @@ class Checkpointer:
         candidates = []
         if marker.is_file():
             candidates.append(self.root / marker.read_text().strip())
-        candidates += sorted(self.root.glob("step_*"), reverse=True)
+        candidates += [p for p in sorted(self.root.glob("step_*"), reverse=True) if p not in candidates]
         for c in candidates:
             try:
                 verify(c)

@@ -40,13 +40,16 @@ def _fail(message: str) -> None:
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
 def _train_app(raw: DictConfig) -> None:
+    _quiet_libraries()  # first: megatron warns and logs while the imports below load it
+    try:
+        cfg = to_config(raw)  # before the heavy imports: a bad config is reported within a second
+    except ValueError as e:  # ConfigError, or a value of the wrong type
+        _fail(str(e))
     from mtp_pretrain import parallel
     from mtp_pretrain.checkpoint import CheckpointError
     from mtp_pretrain.trainer import Trainer
 
-    _quiet_libraries()
     try:
-        cfg = to_config(raw)
         trainer = Trainer(cfg)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
         _fail(str(e))

@@ -80,8 +80,8 @@ class _CudaToCpuMode(TorchFunctionMode):
             kwargs["device"] = "cpu"
         if kwargs.get("pin_memory"):
             kwargs["pin_memory"] = False
-        if func in (torch.Tensor.to, torch.Tensor.new_empty, torch.Tensor.new_zeros) and args:
-            args = tuple("cpu" if i > 0 and _is_cuda_device(a) else a for i, a in enumerate(args))
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]) and not isinstance(args[1], int):
+            args = (args[0], "cpu", *args[2:])  # .to("cuda") / .to(torch.device("cuda")); .to(int) is rare
         return func(*args, **kwargs)
 
 
@@ -166,6 +166,19 @@ def apply() -> None:
     mrandom._set_cuda_rng_state = set_rng_state
     mrandom.CudaRNGStatesTracker = _CpuRngTracker  # type: ignore[misc,assignment]
     mrandom._CUDA_RNG_STATE_TRACKER = None  # rebuilt lazily with the CPU tracker class
+
+    # The autograd engine calls back into Python (autograd Functions' backward, activation recompute's
+    # re-run forward) while the mode is switched off for handling `backward`/`grad`: run it under the mode.
+    from torch.autograd import graph
+
+    run_backward = graph._engine_run_backward
+
+    def run_backward_on_cpu(*args: Any, **kwargs: Any) -> Any:
+        with _CudaToCpuMode():
+            return run_backward(*args, **kwargs)
+
+    graph._engine_run_backward = run_backward_on_cpu
+    torch.autograd._engine_run_backward = run_backward_on_cpu  # the name torch.autograd imported
 
     # Process-wide: entered once and never exited (the mode stack is per thread; training runs on this one).
     _CudaToCpuMode().__enter__()

@@ -133,13 +133,17 @@ def validate(cfg: Config) -> None:
         f"n; raise model.num_layers or lower mtp.n",
     )
     _require(
+        m.hidden_size >= 1 and m.num_attention_heads >= 1,
+        f"model.hidden_size={m.hidden_size} and model.num_attention_heads={m.num_attention_heads} must be >= 1",
+    )
+    _require(
         m.hidden_size % m.num_attention_heads == 0,
         f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
         f"{m.num_attention_heads}; pick a head count that divides it",
     )
     if m.num_query_groups is not None:
         _require(
-            m.num_attention_heads % m.num_query_groups == 0,
+            m.num_query_groups >= 1 and m.num_attention_heads % m.num_query_groups == 0,
             f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
             f"model.num_query_groups={m.num_query_groups}",
         )
@@ -165,6 +169,7 @@ def validate(cfg: Config) -> None:
         cfg.logging.wandb_mode in ("offline", "online", "disabled"),
         f"logging.wandb_mode={cfg.logging.wandb_mode!r}: use offline, online or disabled",
     )
+    _require(cfg.data.docs_per_shard >= 1, f"data.docs_per_shard={cfg.data.docs_per_shard} must be >= 1")
     _require(cfg.data.val_shards >= 1, "data.val_shards must be >= 1 (validation needs held-out shards)")
     _require(cfg.data.vocab_size >= 256 + 2, "data.vocab_size must be >= 258 (byte alphabet + EOS + PAD)")
 

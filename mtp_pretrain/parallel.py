@@ -52,13 +52,16 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, timeout_min: int =
 
     compat.apply()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python ...`: a world of one
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = "nccl" if compat.cuda_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min))
+        timeout = datetime.timedelta(minutes=timeout_min)
+        if "RANK" in os.environ:  # torchrun / srun: env:// rendezvous
+            dist.init_process_group(backend, timeout=timeout)
+        else:  # plain `python ...`: a private world of one; nothing leaks into child processes' env
+            dist.init_process_group(
+                backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
+            )
     layout = Layout(world_size=dist.get_world_size(), tp=tp, pp=pp)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(

@@ -1,0 +1,213 @@
+"""Checkpoints: atomic save, verification, fallback past broken ones, retention, bit-exact load."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtp_pretrain.checkpoint import Checkpointer, CheckpointError, step_dir_name, verify
+from mtp_pretrain.config import ModelConfig, MTPConfig, OptimConfig
+from mtp_pretrain.engine.megatron import MegatronEngine
+from mtp_pretrain.model.mtp_model import build_model, transformer_config
+from mtp_pretrain.rng import get_rng_state
+
+MODEL = ModelConfig(preset="ckpt-test", num_layers=3, hidden_size=32, num_attention_heads=2, seq_len=16)
+MTP = MTPConfig(n=2)
+VOCAB, BATCH = 256, 2
+
+
+def _model(seed: int):
+    torch.manual_seed(seed)
+    return build_model(MODEL, MTP, VOCAB, transformer_config(MODEL, MTP))
+
+
+@pytest.fixture(scope="module")
+def model(dist_world):
+    return _model(0)
+
+
+def _save(ck: Checkpointer, step: int, model) -> Path:
+    return ck.save(
+        step,
+        model.sharded_state_dict(),
+        common={"trainer": {"step": step}, "note": f"saved at {step}"},
+        per_rank={"rank_value": torch.tensor([step, 7]), "rng": get_rng_state()},
+    )
+
+
+def _steps(root) -> list[str]:
+    return sorted(p.name for p in root.glob("step_*"))
+
+
+def test_save_writes_step_dir_latest_and_metadata(model, tmp_path):
+    ck = Checkpointer(tmp_path / "ckpt", keep_last=2)
+    path = _save(ck, 5, model)
+    assert path == tmp_path / "ckpt" / step_dir_name(5) == tmp_path / "ckpt" / "step_00000005"
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_00000005"
+    assert not [p for p in (tmp_path / "ckpt").iterdir() if p.name.startswith(".tmp-")]
+    meta = verify(path)
+    assert meta["step"] == 5 and meta["world_size"] == 1
+    files = meta["files"]
+    assert {"trainer.pt", "rank_00000.pt"} <= set(files)
+    assert len(files) > 2  # megatron's own dist_checkpointing files too
+    assert all((path / name).stat().st_size == size for name, size in files.items())
+    assert ck.latest() == path
+
+
+def test_latest_is_none_without_checkpoints(tmp_path):
+    assert Checkpointer(tmp_path / "nothing").latest() is None
+    (tmp_path / "empty").mkdir()
+    assert Checkpointer(tmp_path / "empty").latest() is None
+
+
+def _biggest_file(ckpt):
+    return max((p for p in ckpt.rglob("*") if p.is_file() and p.name != "mtp_checkpoint.json"),
+               key=lambda p: p.stat().st_size)  # fmt: skip
+
+
+def test_truncated_file_fails_verify_and_latest_falls_back(model, tmp_path, capsys):
+    ck = Checkpointer(tmp_path, keep_last=5)
+    first = _save(ck, 1, model)
+    second = _save(ck, 2, model)
+    assert ck.latest() == second
+    victim = _biggest_file(second)
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    with pytest.raises(CheckpointError) as err:
+        verify(second)
+    assert str(victim.relative_to(second)) in str(err.value)
+    capsys.readouterr()
+    assert ck.latest() == first  # `latest` names the broken one: skipped
+    skipped = [line for line in capsys.readouterr().out.splitlines() if "skipping" in line]
+    assert len(skipped) == 1 and second.name in skipped[0]  # reported once
+    with pytest.raises(CheckpointError):
+        Checkpointer.load(second, model.sharded_state_dict())
+
+
+def test_missing_metadata_makes_a_directory_invalid(model, tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=5)
+    first = _save(ck, 1, model)
+    second = _save(ck, 2, model)
+    (second / "mtp_checkpoint.json").unlink()
+    with pytest.raises(CheckpointError, match="mtp_checkpoint.json"):
+        verify(second)
+    assert ck.latest() == first
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00garbage", b"[]", b'{"format_version": 1}'])
+def test_corrupt_metadata_is_a_checkpoint_error(model, tmp_path, content):
+    ck = Checkpointer(tmp_path, keep_last=5)
+    first = _save(ck, 1, model)
+    second = _save(ck, 2, model)
+    (second / "mtp_checkpoint.json").write_bytes(content)
+    with pytest.raises(CheckpointError, match="mtp_checkpoint.json"):
+        verify(second)
+    assert ck.latest() == first
+
+
+def test_unfinished_save_is_never_loaded_and_is_cleaned(model, tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=5)
+    first = _save(ck, 1, model)
+    # A crash mid-save: the hidden directory holds a complete-looking copy (even valid metadata).
+    crashed = tmp_path / ".tmp-step_00000002"
+    shutil.copytree(first, crashed)
+    older_crash = tmp_path / ".tmp-step_00000009"  # from some earlier run, another step
+    shutil.copytree(first, older_crash)
+    verify(crashed)
+    assert ck.latest() == first
+
+    second = _save(ck, 2, model)
+    assert ck.latest() == second
+    assert not crashed.exists() and not older_crash.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_retention_keeps_newest_and_the_latest(model, tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=2)
+    for step in (1, 2, 3, 4):
+        _save(ck, step, model)
+    assert _steps(tmp_path) == ["step_00000003", "step_00000004"]
+    # Resumed from an earlier point (e.g. the run went back to step 2): `latest` names an older step.
+    _save(ck, 2, model)
+    assert (tmp_path / "latest").read_text() == "step_00000002"
+    assert _steps(tmp_path) == ["step_00000002", "step_00000003", "step_00000004"]
+    assert ck.latest() == tmp_path / "step_00000002"
+    Checkpointer(tmp_path, keep_last=1).save(
+        1, model.sharded_state_dict(), common={}, per_rank={}
+    )  # the newest (4) and the latest (1) stay
+    assert _steps(tmp_path) == ["step_00000001", "step_00000004"]
+    assert ck.latest() == tmp_path / "step_00000001"
+
+
+def test_load_round_trips_model_and_dicts_without_pickled_code(model, tmp_path):
+    ck = Checkpointer(tmp_path)
+    path = _save(ck, 3, model)
+    other = _model(1)
+    before = {k: v for k, v in other.state_dict().items() if not k.endswith("_extra_state")}
+    ref = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    assert any(not torch.equal(before[k], ref[k]) for k in ref)  # really different weights
+
+    state, common, per_rank = Checkpointer.load(path, other.sharded_state_dict())
+    other.load_state_dict(state)
+    after = {k: v for k, v in other.state_dict().items() if not k.endswith("_extra_state")}
+    assert after.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(after[k], ref[k]), k
+    assert common == {"trainer": {"step": 3}, "note": "saved at 3"}
+    assert torch.equal(per_rank["rank_value"], torch.tensor([3, 7]))
+    assert set(per_rank["rng"]) >= {"python", "numpy", "torch", "tracker"}
+    # weights_only: plain tensors and containers, loadable without unpickling code
+    assert torch.load(path / "trainer.pt", weights_only=True) == common
+    assert torch.load(path / "rank_00000.pt", weights_only=True).keys() == per_rank.keys()
+
+
+def test_load_with_another_world_size_drops_per_rank_state(model, tmp_path):
+    path = _save(Checkpointer(tmp_path), 1, model)
+    meta_path = path / "mtp_checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    meta["world_size"] = 2
+    meta_path.write_text(json.dumps(meta))
+    state, common, per_rank = Checkpointer.load(path, _model(1).sharded_state_dict())
+    assert per_rank is None and common["trainer"]["step"] == 1 and state
+
+
+# -- engine round trip ------------------------------------------------------------------------------
+
+
+def _engine(seed: int) -> MegatronEngine:
+    torch.manual_seed(seed)
+    tconfig = transformer_config(MODEL, MTP)
+    return MegatronEngine(build_model(MODEL, MTP, VOCAB, tconfig), tconfig, OptimConfig(warmup_steps=1), 10)
+
+
+def _step(engine: MegatronEngine, tokens: torch.Tensor):
+    return engine.train_step(
+        iter([(tokens, torch.ones_like(tokens, dtype=torch.bool))]), 1, MODEL.seq_len, BATCH
+    )
+
+
+def test_engine_resume_is_bit_identical(dist_world, tmp_path):
+    g = torch.Generator().manual_seed(123)
+    batches = [torch.randint(0, VOCAB, (BATCH, MODEL.seq_len + MTP.n), generator=g) for _ in range(3)]
+    original = _engine(0)
+    for tokens in batches[:2]:
+        assert not _step(original, tokens).skipped
+    ck = Checkpointer(tmp_path)
+    path = ck.save(2, original.sharded_state_dict(), common={"engine": original.state_dict()}, per_rank={})
+
+    resumed = _engine(1)  # other initial weights, fresh optimizer and schedule
+    sharded, common, _ = Checkpointer.load(ck.latest(), resumed.sharded_state_dict(is_loading=True))
+    resumed.load_sharded_state_dict(sharded)
+    resumed.load_state_dict(common["engine"])
+    assert ck.latest() == path
+
+    a, b = _step(original, batches[2]), _step(resumed, batches[2])
+    assert a.loss == b.loss and a.lr == b.lr and a.grad_norm == b.grad_norm
+    assert torch.equal(a.head_stats, b.head_stats)
+    params_a = dict(original.model.module.named_parameters())
+    params_b = dict(resumed.model.module.named_parameters())
+    assert params_a.keys() == params_b.keys()
+    for name, p in params_a.items():
+        assert torch.equal(p, params_b[name]), name

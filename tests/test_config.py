@@ -1,0 +1,120 @@
+"""The Hydra config tree (conf/) composes into a valid Config; bad values fail early, naming the key."""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+
+from mtp_pretrain.cli import CONF_DIR
+from mtp_pretrain.config import Config, ConfigError, ffn_hidden_size, to_config, validate
+from tests.conftest import compose_config
+
+
+@pytest.fixture(scope="module")
+def defaults() -> Config:
+    return compose_config()
+
+
+def _with(base: Config, *overrides: str) -> Config:
+    """`base` with command-line style overrides, through the same merge + validation as the CLI (fast)."""
+    return to_config(OmegaConf.merge(OmegaConf.structured(base), OmegaConf.from_dotlist(list(overrides))))
+
+
+def test_defaults_compose_to_a_valid_config():
+    cfg = compose_config()
+    assert isinstance(cfg, Config)
+    assert cfg.model.preset == "tiny" and cfg.mtp.n == 4
+    assert cfg.model.num_layers > cfg.mtp.n
+    assert "${" not in cfg.trainer.run_dir  # interpolations resolved
+    validate(cfg)  # idempotent: a composed config stays valid
+
+
+def test_overrides_reach_the_dataclass():
+    cfg = compose_config("mtp.n=2", "mtp.loss_weights=[1.0,0.5]", "trainer.steps=7", "model.seq_len=32")
+    assert (cfg.mtp.n, cfg.mtp.loss_weights, cfg.trainer.steps, cfg.model.seq_len) == (2, [1.0, 0.5], 7, 32)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["mtp.n=0"], "mtp.n"),
+        (["mtp.n=-1"], "mtp.n"),
+        (["model.num_layers=4"], "model.num_layers"),  # == mtp.n (4): no trunk left
+        (["model.num_layers=3"], "model.num_layers"),  # < mtp.n
+        (["model.hidden_size=130"], "model.num_attention_heads"),  # 130 % 4 != 0
+        (["model.num_attention_heads=0"], "model.num_attention_heads"),  # must not be a ZeroDivisionError
+        (["model.hidden_size=0"], "model.hidden_size"),
+        (["model.num_query_groups=3"], "model.num_query_groups"),  # 4 % 3 != 0
+        (["model.num_query_groups=0"], "model.num_query_groups"),  # must not be a ZeroDivisionError
+        (["mtp.loss_weights=[1.0,1.0]"], "mtp.loss_weights"),  # 2 weights, n=4
+        (["mtp.n=2", "mtp.loss_weights=[1.0,1.0,1.0]"], "mtp.loss_weights"),
+        (["mtp.chunk_size=-1"], "mtp.chunk_size"),
+        (["logging.wandb_mode=sometimes"], "logging.wandb_mode"),
+        (["trainer.steps=0"], "trainer.steps"),
+        (["trainer.micro_batch_size=0"], "trainer.micro_batch_size"),
+        (["trainer.keep_last=0"], "trainer.keep_last"),
+        (["data.docs_per_shard=0"], "data.docs_per_shard"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(defaults, overrides, key):
+    _with(defaults)  # the base itself is valid: the override alone makes it fail
+    with pytest.raises(ConfigError) as err:
+        _with(defaults, *overrides)
+    message = str(err.value)
+    assert key in message
+    assert "\n" not in message  # one line, as the CLI prints it
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("mtp.n=0", "mtp.n"), ("model.num_layers=4", "model.num_layers"), ("trainer.steps=0", "trainer.steps")],
+)
+def test_bad_values_fail_through_hydra_compose(override, key):
+    with pytest.raises(ConfigError, match=key):
+        compose_config(override)
+
+
+def test_unknown_preset_fails_in_compose_naming_it():
+    with pytest.raises(HydraException) as err:
+        compose_config("model=nope")
+    assert "model/nope" in str(err.value)
+
+
+def test_unknown_key_fails_in_compose_naming_it():
+    with pytest.raises(HydraException) as err:
+        compose_config("model.nope=1")
+    assert "model.nope" in str(err.value)
+
+
+def test_unknown_key_in_a_plain_dict_is_rejected():
+    with pytest.raises(Exception, match="nope"):
+        to_config({"model": {"preset": "x", "num_layers": 3, "hidden_size": 8, "num_attention_heads": 2,
+                             "seq_len": 4, "nope": 1}})  # fmt: skip
+
+
+def _presets(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+def test_preset_files_are_the_expected_ones():
+    assert set(_presets("model")) >= {"1b", "7b", "small", "tiny"}
+    assert set(_presets("mtp")) >= {"n1", "n2", "n4", "n8"}
+
+
+@pytest.mark.parametrize("preset", _presets("model"))
+def test_every_model_preset_composes_and_validates(preset):
+    cfg = compose_config(f"model={preset}")
+    assert cfg.model.preset == preset
+    assert cfg.model.hidden_size % cfg.model.num_attention_heads == 0
+    assert ffn_hidden_size(cfg.model) % 64 == 0
+    assert "${" not in cfg.trainer.run_dir
+
+
+@pytest.mark.parametrize("group", _presets("mtp"))
+def test_every_mtp_preset_composes(group):
+    n = int(group[1:])
+    cfg = compose_config(f"mtp={group}", f"model.num_layers={n + 2}")  # the trunk keeps 2 blocks
+    assert cfg.mtp.n == n
+    with pytest.raises(ConfigError, match="model.num_layers"):  # and no trunk at all is rejected
+        compose_config(f"mtp={group}", f"model.num_layers={n}")
