@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch import Tensor
@@ -112,24 +113,41 @@ def mtp_loss(
     # mean over this micro-batch's valid targets; the scale is a constant of the graph, like a loss weight
     scales = [w / max(int(v.sum()), 1) for w, (_, v) in zip(weights, per_head, strict=True)]
 
-    def head_loss(i: int, z: Tensor, backward: bool) -> tuple[Tensor, Tensor, Tensor | None, list]:
-        """Head i: forward (+ backward of its scaled loss if asked), one sequence chunk at a time."""
+    def head_loss(i: int, z: Tensor, w_grad: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Head i, one sequence chunk of logits at a time: (CE sum, #correct, y, dL/dy or None).
+
+        With w_grad (the training path) it also backpropagates head i's scaled loss through the shared
+        unembedding by hand: dW += dlogits^T y goes into w_grad in place (addmm_), so the V x d gradient
+        exists once however many heads and chunks add to it (autograd would hand back a fresh V x d
+        tensor per call), and dy = dlogits W, all-reduced across TP like ColumnParallelLinear's input.
+        """
         tgt, valid = per_head[i]
         y = heads.forward_head(i, z, rotary_pos_emb)
         y_det = y.detach()
-        dy = torch.empty_like(y_det) if backward else None
-        d_weight = None
+        dy = torch.empty_like(y_det) if w_grad is not None else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
         correct = torch.zeros((), dtype=torch.long, device=h.device)
         for sl in _chunks(seq_len, chunk_size):
-            y_c = y_det[sl].requires_grad_(backward)
-            ce_sum, c = _chunk_ce(unembed(y_c), tgt[sl], valid[sl])
+            if w_grad is None:
+                ce_sum, c = _chunk_ce(unembed(y_det[sl]), tgt[sl], valid[sl])
+            else:
+                y_c = y_det[sl]
+                with torch.no_grad():
+                    logits = F.linear(y_c, unembed_weight)
+                logits.requires_grad_()
+                ce_sum, c = _chunk_ce(logits, tgt[sl], valid[sl])
+                (g_logits,) = torch.autograd.grad(ce_sum * scales[i], logits)
+                with torch.no_grad():  # with a graph, dy would keep every chunk's g_logits alive
+                    g2 = g_logits.flatten(0, 1)
+                    w_grad.addmm_(g2.t(), y_c.flatten(0, 1))
+                    dy[sl] = (g2 @ unembed_weight).view_as(y_c)
+                # the CE graph reaches the logits leaf through its AccumulateGrad node: drop it now
+                ce_sum = ce_sum.detach()
+                del logits, g_logits, g2
             loss_sum, correct = loss_sum + ce_sum.detach().float(), correct + c
-            if backward:
-                g_y, g_w = torch.autograd.grad(ce_sum * scales[i], (y_c, unembed_weight))
-                dy[sl] = g_y
-                d_weight = g_w if d_weight is None else d_weight.add_(g_w)
-        return loss_sum, correct, (y, dy) if backward else None, d_weight
+        if dy is not None and parallel_state.get_tensor_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(dy, group=parallel_state.get_tensor_model_parallel_group())
+        return loss_sum, correct, y, dy
 
     def stats_of(rows: list[tuple[Tensor, Tensor]]) -> Tensor:
         counts = [v.sum() for _, v in per_head]
@@ -141,7 +159,7 @@ def mtp_loss(
         return sum(s * sc for (s, _), sc in zip(rows, scales, strict=True))
 
     if not torch.is_grad_enabled():  # evaluation: no graph, one head's logits chunk alive at a time
-        rows = [head_loss(i, h, backward=False)[:2] for i in range(n)]
+        rows = [head_loss(i, h, w_grad=None)[:2] for i in range(n)]
         return total_loss(rows), stats_of(rows)
 
     if not memory_efficient:  # the reference: every head's logits stay alive in one graph
@@ -159,15 +177,16 @@ def mtp_loss(
         z = h_in.detach().requires_grad_()
         slot = {id(p): k for k, p in enumerate(params)}
         grads: list[Tensor | None] = [None] * len(params)
+        grads[slot[id(unembed_weight)]] = w_grad = torch.zeros_like(unembed_weight)
         grad_z = torch.zeros_like(z)
         rows = []
         for i in range(n):
-            loss_sum, correct, (y, dy), d_weight = head_loss(i, z, backward=True)
+            loss_sum, correct, y, dy = head_loss(i, z, w_grad)
             rows.append((loss_sum, correct))
             own = heads.head_parameters(i)
             g = torch.autograd.grad(y, [z, *own], grad_outputs=dy, allow_unused=True)
             grad_z += g[0]
-            for p, gp in zip([unembed_weight, *own], [d_weight, *g[1:]], strict=True):
+            for p, gp in zip(own, g[1:], strict=True):
                 k = slot[id(p)]
                 if gp is not None:
                     grads[k] = gp if grads[k] is None else grads[k].add_(gp)  # in place: no 2nd copy
