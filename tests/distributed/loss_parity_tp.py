@@ -1,0 +1,63 @@
+"""Run under torchrun (2 ranks, gloo): the memory-efficient loss equals the naive one with TP=2.
+
+Each rank builds the naive and the memory-efficient model from the same seed (megatron's CPU
+initialisation creates the full weight on every rank, then keeps this rank's shard), runs one
+forward/backward for n in {1, 2, 4} with chunking and padding, and compares every local gradient shard.
+Writes the losses to OUT (argv[1]) so the pytest side can compare them with a TP=1 run.
+"""
+
+import json
+import sys
+from dataclasses import replace
+
+import torch
+
+from mtp_pretrain import parallel
+from mtp_pretrain.config import ModelConfig, MTPConfig
+from mtp_pretrain.model.mtp_model import build_model, transformer_config
+
+VOCAB = 256
+CFG = ModelConfig(preset="test", num_layers=5, hidden_size=64, num_attention_heads=4, seq_len=24)
+
+
+def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, VOCAB, (3, CFG.seq_len + n), generator=g)
+    valid = torch.rand(tokens.shape, generator=g) > 0.1
+    return tokens, valid
+
+
+def models(n: int, chunk: int, tie: bool = False):
+    cfg = replace(CFG, tie_embeddings=tie)
+    out = []
+    for efficient in (False, True):
+        torch.manual_seed(0)
+        mtp = MTPConfig(n=n, memory_efficient=efficient, chunk_size=chunk, loss_weights=[1.0 + 0.5 * i for i in range(n)])
+        out.append(build_model(cfg, mtp, VOCAB, transformer_config(cfg, mtp, tp=2)))
+    return out
+
+
+def main() -> None:
+    parallel.init_distributed(tp=2)
+    losses = {}
+    for n, chunk, tie in [(1, 0, False), (2, 7, False), (4, 5, False), (3, 0, True)]:
+        naive, eff = models(n, chunk, tie)
+        tokens, valid = batch(n)
+        loss_n, stats_n = naive(tokens, valid)
+        loss_e, stats_e = eff(tokens, valid)
+        loss_n.backward()
+        loss_e.backward()
+        torch.testing.assert_close(loss_e, loss_n, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(stats_e, stats_n, rtol=1e-6, atol=1e-5)
+        ref = dict(naive.named_parameters())
+        for name, p in eff.named_parameters():
+            torch.testing.assert_close(p.grad, ref[name].grad, rtol=1e-5, atol=1e-6, msg=lambda m, name=name, n=n: f"n={n} {name}: {m}")
+        losses[f"{n}-{chunk}-{tie}"] = loss_e.item()
+    if torch.distributed.get_rank() == 0:
+        with open(sys.argv[1], "w") as f:
+            json.dump(losses, f)
+    parallel.destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()

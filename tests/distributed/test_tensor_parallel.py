@@ -1,0 +1,39 @@
+"""Multi-rank checks, launched with torchrun on gloo (each launch costs ~20 s here: keep them few)."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from mtp_pretrain.config import MTPConfig
+from mtp_pretrain.model.mtp_model import build_model, transformer_config
+from tests.distributed import loss_parity_tp as script
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def torchrun(nproc: int, script_path: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script_path), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_memory_efficient_loss_with_tp2_equals_naive_and_tp1(dist_world, tmp_path):
+    out = tmp_path / "losses.json"
+    proc = torchrun(2, ROOT / "tests" / "distributed" / "loss_parity_tp.py", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tp2 = json.loads(out.read_text())
+    # the same models and batches in this (TP=1) process
+    for key, loss_tp2 in tp2.items():
+        n, chunk, tie = key.split("-")
+        cfg = replace(script.CFG, tie_embeddings=tie == "True")
+        torch.manual_seed(0)
+        mtp = MTPConfig(n=int(n), chunk_size=int(chunk), loss_weights=[1.0 + 0.5 * i for i in range(int(n))])
+        model = build_model(cfg, mtp, script.VOCAB, transformer_config(cfg, mtp))
+        loss_tp1, _ = model(*script.batch(int(n)))
+        assert abs(loss_tp1.item() - loss_tp2) < 1e-5, (key, loss_tp1.item(), loss_tp2)
