@@ -81,6 +81,7 @@ class Trainer:
             self.tconfig,
             pre_process=parallel_state.is_pipeline_first_stage(),
             post_process=parallel_state.is_pipeline_last_stage(),
+            seed=t.seed,
         )
         self.engine = MegatronEngine(model, self.tconfig, cfg.optim, t.steps, bf16=t.bf16)
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()

@@ -27,6 +27,7 @@ from mtp_pretrain import compat
 from mtp_pretrain.config import ModelConfig, MTPConfig, ffn_hidden_size
 from mtp_pretrain.loss import HeadTargets, mtp_loss
 from mtp_pretrain.model.heads import MTPHeads
+from mtp_pretrain.model.init import init_parameters
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
@@ -186,9 +187,11 @@ def build_model(
     config: TransformerConfig,
     pre_process: bool = True,
     post_process: bool = True,
+    seed: int = 0,
 ) -> MTPModel:
-    """The model (or this rank's pipeline stage of it) from the structured config."""
-    return MTPModel(
+    """The model (or this rank's pipeline stage of it) from the structured config, initialised from `seed`
+    identically under every parallel layout."""
+    mtp_model = MTPModel(
         config,
         vocab_size=vocab_size,
         n_heads=mtp.n,
@@ -201,3 +204,5 @@ def build_model(
         chunk_size=mtp.chunk_size,
         memory_efficient=mtp.memory_efficient,
     )
+    init_parameters(mtp_model, config, total_layers=model.num_layers, seed=seed)
+    return mtp_model

@@ -3,7 +3,7 @@
 Each rank builds the naive and the memory-efficient model from the same seed (megatron's CPU
 initialisation creates the full weight on every rank, then keeps this rank's shard), runs one
 forward/backward for n in {1, 2, 4} with chunking and padding, and compares every local gradient shard.
-Writes the losses to OUT (argv[1]) so the pytest side can compare them with a TP=1 run.
+Writes the losses to argv[1] and the n=4 heads' gathered logits to argv[2] so the pytest side can compare them with a TP=1 run.
 """
 
 import json
@@ -53,9 +53,16 @@ def main() -> None:
         for name, p in eff.named_parameters():
             torch.testing.assert_close(p.grad, ref[name].grad, rtol=1e-5, atol=1e-6, msg=lambda m, name=name, n=n: f"n={n} {name}: {m}")
         losses[f"{n}-{chunk}-{tie}"] = loss_e.item()
+        if n == 4:  # whole-vocabulary logits of every head, gathered over TP, for the TP=1 comparison
+            logits = []
+            for local in eff.head_logits(tokens[:, : CFG.seq_len]):
+                parts = [torch.empty_like(local) for _ in range(2)]
+                torch.distributed.all_gather(parts, local.contiguous())
+                logits.append(torch.cat(parts, dim=-1))
     if torch.distributed.get_rank() == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(losses, f)
+        torch.save(logits, sys.argv[2])
     parallel.destroy_distributed()
 
 

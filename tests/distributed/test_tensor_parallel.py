@@ -24,8 +24,8 @@ def torchrun(nproc: int, script_path: Path, *args: str, timeout: int = 300) -> s
 
 
 def test_memory_efficient_loss_with_tp2_equals_naive_and_tp1(dist_world, tmp_path):
-    out = tmp_path / "losses.json"
-    proc = torchrun(2, ROOT / "tests" / "distributed" / "loss_parity_tp.py", str(out))
+    out, logits_file = tmp_path / "losses.json", tmp_path / "logits.pt"
+    proc = torchrun(2, ROOT / "tests" / "distributed" / "loss_parity_tp.py", str(out), str(logits_file))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     tp2 = json.loads(out.read_text())
     # the same models and batches in this (TP=1) process
@@ -35,5 +35,10 @@ def test_memory_efficient_loss_with_tp2_equals_naive_and_tp1(dist_world, tmp_pat
         torch.manual_seed(0)
         mtp = MTPConfig(n=int(n), chunk_size=int(chunk), loss_weights=[1.0 + 0.5 * i for i in range(int(n))])
         model = build_model(cfg, mtp, script.VOCAB, transformer_config(cfg, mtp))
-        loss_tp1, _ = model(*script.batch(int(n)))
+        tokens, valid = script.batch(int(n))
+        loss_tp1, _ = model(tokens, valid)
         assert abs(loss_tp1.item() - loss_tp2) < 1e-5, (key, loss_tp1.item(), loss_tp2)
+        if int(n) == 4:  # the layout-independent init makes TP=2 the same function as TP=1
+            tp2_logits = torch.load(logits_file, weights_only=True)
+            for a, b in zip(model.head_logits(tokens[:, : script.CFG.seq_len]), tp2_logits, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
