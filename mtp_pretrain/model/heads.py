@@ -8,6 +8,7 @@ the next-token head. The shared unembedding lives on the model (megatron's Langu
 from __future__ import annotations
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -51,9 +52,10 @@ class MTPHeads(MegatronModule):
         sd = {}
         for i, layer in enumerate(self.layers):
             sd.update(layer.sharded_state_dict(f"{prefix}layers.{i}.", sharded_offsets, metadata))
-        sd.update(
+        sd.update(  # tp_group explicitly: megatron only defaults it when no dp group is given either
             sharded_state_dict_default(
-                self.final_layernorm, f"{prefix}final_layernorm.", sharded_offsets, metadata
+                self.final_layernorm, f"{prefix}final_layernorm.", sharded_offsets, metadata,
+                tp_group=parallel_state.get_tensor_model_parallel_group(),
             )
         )
         return sd
