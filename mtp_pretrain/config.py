@@ -66,8 +66,9 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
+    tp: int = 1  # tensor parallel: splits attention heads, FFN and the vocabulary
+    pp: int = 1  # pipeline stages: stage 0 holds the embedding, the last one the n heads
+    overlap_grad_reduce: bool = True  # megatron DDP: reduce gradient buckets while backward runs
 
 
 @dataclass
@@ -170,6 +171,26 @@ def validate(cfg: Config) -> None:
         f"logging.wandb_mode={cfg.logging.wandb_mode!r}: use offline, online or disabled",
     )
     _require(cfg.data.docs_per_shard >= 1, f"data.docs_per_shard={cfg.data.docs_per_shard} must be >= 1")
+    p = cfg.parallel
+    _require(p.tp >= 1 and p.pp >= 1, f"parallel.tp={p.tp} and parallel.pp={p.pp} must be >= 1")
+    _require(
+        m.num_attention_heads % p.tp == 0,
+        f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}",
+    )
+    _require(
+        (m.num_query_groups or m.num_attention_heads) % p.tp == 0,
+        f"model.num_query_groups={m.num_query_groups} is not divisible by parallel.tp={p.tp}",
+    )
+    _require(
+        ffn_hidden_size(m) % p.tp == 0,
+        f"FFN size {ffn_hidden_size(m)} (model.ffn_hidden_size) is not divisible by parallel.tp={p.tp}",
+    )
+    trunk = m.num_layers - mtp.n
+    _require(
+        trunk % p.pp == 0,
+        f"the trunk's {trunk} layers (model.num_layers - mtp.n) do not split evenly over parallel.pp={p.pp} "
+        f"stages; change model.num_layers, mtp.n or parallel.pp",
+    )
     _require(cfg.data.val_shards >= 1, "data.val_shards must be >= 1 (validation needs held-out shards)")
     _require(cfg.data.vocab_size >= 256 + 2, "data.vocab_size must be >= 258 (byte alphabet + EOS + PAD)")
 

@@ -83,7 +83,9 @@ class Trainer:
             post_process=parallel_state.is_pipeline_last_stage(),
             seed=t.seed,
         )
-        self.engine = MegatronEngine(model, self.tconfig, cfg.optim, t.steps, bf16=t.bf16)
+        self.engine = MegatronEngine(
+            model, self.tconfig, cfg.optim, t.steps, bf16=t.bf16, overlap_grad_reduce=cfg.parallel.overlap_grad_reduce
+        )
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         self.sample_len = cfg.model.seq_len + cfg.mtp.n
         self.train_data = PackedBatchStream(

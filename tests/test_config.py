@@ -118,3 +118,25 @@ def test_every_mtp_preset_composes(group):
     assert cfg.mtp.n == n
     with pytest.raises(ConfigError, match="model.num_layers"):  # and no trunk at all is rejected
         compose_config(f"mtp={group}", f"model.num_layers={n}")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["parallel.tp=3"], "num_attention_heads"),
+        (["parallel.tp=2", "model.num_query_groups=1"], "num_query_groups"),
+        (["parallel.pp=3"], "parallel.pp"),
+        (["parallel.tp=0"], "parallel.tp"),
+    ],
+)
+def test_parallel_layout_errors_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        compose_config(*overrides)
+
+
+def test_world_size_not_divisible_by_tp_pp():
+    from mtp_pretrain.parallel import Layout
+
+    with pytest.raises(ValueError, match="not divisible by parallel.tp"):
+        Layout(world_size=3, tp=2, pp=1)
+    assert Layout(world_size=8, tp=2, pp=2).dp == 2

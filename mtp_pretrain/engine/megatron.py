@@ -50,11 +50,13 @@ class MegatronEngine:
         total_steps: int,
         bf16: bool = False,
         overlap_grad_reduce: bool = False,
+        bucket_size: int | None = None,
     ) -> None:
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=overlap_grad_reduce,
             use_distributed_optimizer=True,
+            bucket_size=bucket_size,  # elements per reduction bucket; None = megatron's default
         )
         self.model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
         self.config = config

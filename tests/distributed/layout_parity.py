@@ -54,7 +54,9 @@ def build_engine(n: int, tp: int, pp: int) -> MegatronEngine:
         cfg, mtp, VOCAB, tconf,
         pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
     )  # fmt: skip
-    return MegatronEngine(model, tconf, OPTIM, STEPS)
+    # overlapped reduction in many small buckets: a bucket holding the shared unembedding (or any head) must
+    # not be reduced before the last head's gradient is in, or DP layouts drift from one process
+    return MegatronEngine(model, tconf, OPTIM, STEPS, overlap_grad_reduce=True, bucket_size=4096)
 
 
 def run(n: int, tp: int, pp: int, dp: int, ga: int = GA) -> tuple[list[dict], MegatronEngine]:
