@@ -69,6 +69,10 @@ class ParallelConfig:
     tp: int = 1  # tensor parallel: splits attention heads, FFN and the vocabulary
     pp: int = 1  # pipeline stages: stage 0 holds the embedding, the last one the n heads
     overlap_grad_reduce: bool = True  # megatron DDP: reduce gradient buckets while backward runs
+    # Uneven pipeline split: trunk layers on the first / last stage (the rest share the middle stages
+    # evenly). The last stage also runs the n head blocks and n unembeddings: give it fewer trunk layers.
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
 
 
 @dataclass
@@ -186,10 +190,18 @@ def validate(cfg: Config) -> None:
         f"FFN size {ffn_hidden_size(m)} (model.ffn_hidden_size) is not divisible by parallel.tp={p.tp}",
     )
     trunk = m.num_layers - mtp.n
+    uneven = [x for x in (p.first_stage_layers, p.last_stage_layers) if x is not None]
     _require(
-        trunk % p.pp == 0,
-        f"the trunk's {trunk} layers (model.num_layers - mtp.n) do not split evenly over parallel.pp={p.pp} "
-        f"stages; change model.num_layers, mtp.n or parallel.pp",
+        not uneven or p.pp > 1,
+        "parallel.first_stage_layers / last_stage_layers need parallel.pp > 1",
+    )
+    _require(all(x >= 1 for x in uneven), "parallel.first_stage_layers / last_stage_layers must be >= 1")
+    middle_stages, middle_layers = p.pp - len(uneven), trunk - sum(uneven)
+    _require(
+        middle_layers >= 0 and (middle_layers == 0 if middle_stages == 0 else middle_layers % middle_stages == 0),
+        f"the trunk's {trunk} layers (model.num_layers - mtp.n) do not split over parallel.pp={p.pp} stages"
+        + (f" with first/last stage layers {p.first_stage_layers}/{p.last_stage_layers}" if uneven else "")
+        + "; change model.num_layers, mtp.n, parallel.pp or the per-stage layer counts",
     )
     _require(cfg.data.val_shards >= 1, "data.val_shards must be >= 1 (validation needs held-out shards)")
     _require(cfg.data.vocab_size >= 256 + 2, "data.vocab_size must be >= 258 (byte alphabet + EOS + PAD)")

@@ -72,8 +72,9 @@ class Trainer:
         self.vocab_size = load_tokenizer(self.corpus.tokenizer_path).get_vocab_size()
         torch.manual_seed(t.seed)  # identical initial weights for every layout
         self.tconfig = transformer_config(
-            cfg.model, cfg.mtp, cfg.parallel.tp, cfg.parallel.pp, bf16=t.bf16, recompute=t.recompute
-        )
+            cfg.model, cfg.mtp, cfg.parallel.tp, cfg.parallel.pp, bf16=t.bf16, recompute=t.recompute,
+            stage_layers=(cfg.parallel.first_stage_layers, cfg.parallel.last_stage_layers),
+        )  # fmt: skip
         model = build_model(
             cfg.model,
             cfg.mtp,

@@ -140,3 +140,12 @@ def test_world_size_not_divisible_by_tp_pp():
     with pytest.raises(ValueError, match="not divisible by parallel.tp"):
         Layout(world_size=3, tp=2, pp=1)
     assert Layout(world_size=8, tp=2, pp=2).dp == 2
+
+
+def test_uneven_pipeline_split():
+    cfg = compose_config("model.num_layers=9", "mtp.n=4", "parallel.pp=2", "parallel.first_stage_layers=3")
+    assert cfg.parallel.first_stage_layers == 3  # 5 trunk layers: 3 + 2
+    with pytest.raises(ConfigError, match="first/last stage layers 4/None"):
+        compose_config("model.num_layers=9", "mtp.n=4", "parallel.pp=3", "parallel.first_stage_layers=4")
+    with pytest.raises(ConfigError, match=r"need parallel\.pp > 1"):
+        compose_config("parallel.first_stage_layers=1")

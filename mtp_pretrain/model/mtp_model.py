@@ -37,11 +37,22 @@ def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
 
 
 def transformer_config(
-    model: ModelConfig, mtp: MTPConfig, tp: int = 1, pp: int = 1, bf16: bool = False, recompute: bool = False
+    model: ModelConfig,
+    mtp: MTPConfig,
+    tp: int = 1,
+    pp: int = 1,
+    bf16: bool = False,
+    recompute: bool = False,
+    stage_layers: tuple[int | None, int | None] = (None, None),
 ) -> TransformerConfig:
-    """megatron TransformerConfig of the *trunk* (num_layers = L - n); the heads reuse it for their blocks."""
+    """megatron TransformerConfig of the *trunk* (num_layers = L - n); the heads reuse it for their blocks.
+
+    stage_layers: trunk layers on the first and last pipeline stage (None: an even split).
+    """
     dtype = torch.bfloat16 if bf16 else torch.float32
     extra: dict = dict(compat.cpu_safe_config_overrides())
+    first, last = stage_layers
+    extra.update(num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last)
     # The MTP loss takes weight gradients with torch.autograd.grad; fused accumulation would write them
     # into main_grad behind its back (and count them twice). Off on every device.
     extra["gradient_accumulation_fusion"] = False

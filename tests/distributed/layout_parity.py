@@ -1,7 +1,8 @@
 """Run under torchrun (gloo): train a fixed tiny model on fixed data in several TP x PP x DP layouts.
 
     torchrun --nproc-per-node=W tests/distributed/layout_parity.py OUT_DIR LAYOUT [LAYOUT ...]
-    LAYOUT = tp,pp  (dp = W / (tp * pp))
+    LAYOUT = tp,pp[,tie|uneven]  (dp = W / (tp * pp); tie: tied embeddings across first and last stage,
+             n=4 only; uneven: 3 + 1 trunk layers on 2 stages, n=1 only)
 
 For each layout and n in {1, 4} it runs STEPS optimizer steps with grad accumulation GA per DP rank,
 writes the per-step per-head losses (OUT_DIR/<layout>-n<n>.json, logging rank) and saves the final model
@@ -27,9 +28,12 @@ VOCAB, STEPS, GA, MICRO = 256, 6, 2, 2
 OPTIM = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2, clip_grad=1.0)
 
 
-def model_cfg(n: int) -> ModelConfig:
+def model_cfg(n: int, tie: bool = False) -> ModelConfig:
     # trunk of 4 layers for n=1 and 2 for n=4: both split evenly over 2 pipeline stages
-    return ModelConfig(preset="parity", num_layers=5 if n == 1 else 6, hidden_size=64, num_attention_heads=4, seq_len=16)
+    return ModelConfig(
+        preset="parity", num_layers=5 if n == 1 else 6, hidden_size=64, num_attention_heads=4, seq_len=16,
+        tie_embeddings=tie,
+    )  # fmt: skip
 
 
 def global_batch(step: int, n: int, rows: int) -> torch.Tensor:
@@ -47,9 +51,10 @@ def micro_batches(step: int, n: int, dp: int, dp_rank: int, ga: int) -> list[tor
     return [batch[(m * dp + dp_rank) * MICRO : (m * dp + dp_rank + 1) * MICRO] for m in range(ga)]
 
 
-def build_engine(n: int, tp: int, pp: int) -> MegatronEngine:
-    cfg, mtp = model_cfg(n), MTPConfig(n=n)
-    tconf = transformer_config(cfg, mtp, tp=tp, pp=pp)
+def build_engine(n: int, tp: int, pp: int, tie: bool = False, uneven: bool = False) -> MegatronEngine:
+    cfg, mtp = model_cfg(n, tie), MTPConfig(n=n)
+    stage_layers = (3, None) if uneven else (None, None)  # n=1: 4 trunk layers as 3 + 1
+    tconf = transformer_config(cfg, mtp, tp=tp, pp=pp, stage_layers=stage_layers)
     model = build_model(
         cfg, mtp, VOCAB, tconf,
         pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
@@ -59,8 +64,10 @@ def build_engine(n: int, tp: int, pp: int) -> MegatronEngine:
     return MegatronEngine(model, tconf, OPTIM, STEPS, overlap_grad_reduce=True, bucket_size=4096)
 
 
-def run(n: int, tp: int, pp: int, dp: int, ga: int = GA) -> tuple[list[dict], MegatronEngine]:
-    engine = build_engine(n, tp, pp)
+def run(
+    n: int, tp: int, pp: int, dp: int, ga: int = GA, tie: bool = False, uneven: bool = False
+) -> tuple[list[dict], MegatronEngine]:
+    engine = build_engine(n, tp, pp, tie, uneven)
     dp_rank = parallel_state.get_data_parallel_rank()
     history = []
     for step in range(STEPS):
@@ -76,15 +83,16 @@ def main() -> None:
     out = Path(sys.argv[1])
     parallel.init_distributed()  # the world; model-parallel groups are rebuilt per layout below
     world = torch.distributed.get_world_size()
-    for spec in sys.argv[2:]:
-        tp, pp = (int(x) for x in spec.split(","))
+    for spec in sys.argv[2:]:  # "tp,pp" or "tp,pp,tie" (tied embeddings, n=4) or "tp,pp,uneven" (3+1 layers, n=1)
+        tp, pp, *flags = spec.split(",")
+        tp, pp, tie, uneven = int(tp), int(pp), "tie" in flags, "uneven" in flags
         dp = parallel.Layout(world, tp=tp, pp=pp).dp
-        for n in (1, 4):
+        for n in (4,) if tie else (1,) if uneven else (1, 4):
             parallel_state.destroy_model_parallel()
             parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
             model_parallel_cuda_manual_seed(0)
-            history, engine = run(n, tp, pp, dp)
-            name = f"tp{tp}pp{pp}dp{dp}-n{n}"
+            history, engine = run(n, tp, pp, dp, tie=tie, uneven=uneven)
+            name = f"tp{tp}pp{pp}dp{dp}-n{n}" + ("-tie" if tie else "") + ("-uneven" if uneven else "")
             ckpt = out / name
             if torch.distributed.get_rank() == 0:
                 ckpt.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,8 @@ from megatron.core import dist_checkpointing
 from tests.distributed import layout_parity as script
 from tests.distributed.test_tensor_parallel import ROOT, torchrun
 
-LAUNCHES = {2: ["2,1", "1,2", "1,1"], 4: ["2,2", "1,2", "2,1"]}  # world 2: TP2, PP2, DP2; world 4: TP2xPP2, DP2xPP2, DP2xTP2
+# world 2: TP2, PP2, DP2 (+ PP2 tied, PP2 uneven); world 4: TP2xPP2, DP2xPP2, DP2xTP2 (+ TP2xPP2 tied)
+LAUNCHES = {2: ["2,1", "1,2", "1,1", "1,2,tie", "1,2,uneven"], 4: ["2,2", "1,2", "2,1", "2,2,tie"]}
 LOSS_TOL, PARAM_TOL = 1e-5, 3e-5  # params: Adam magnifies fp32 reduction-order noise on rarely-hit embedding rows
 
 
@@ -27,22 +28,22 @@ def layout_runs(tmp_path_factory):
     return out
 
 
-def _reference(n: int, dp: int):
-    history, engine = script.run(n, tp=1, pp=1, dp=1, ga=script.GA * dp)
+def _reference(n: int, dp: int, tie: bool):  # an uneven pipeline split is the same model: no variant here
+    history, engine = script.run(n, tp=1, pp=1, dp=1, ga=script.GA * dp, tie=tie)
     return history, {k: v.detach().clone() for k, v in engine.model.module.state_dict().items() if "_extra_state" not in k}, engine
 
 
 @pytest.mark.parametrize("n", [1, 4])
 def test_every_layout_matches_one_process(dist_world, layout_runs, n):
-    names = sorted(p.stem for p in layout_runs.glob(f"*-n{n}.json"))
-    assert len(names) == 6, names  # tp2, pp2, dp2, tp2pp2, dp2pp2, dp2tp2
+    names = sorted(p.stem for p in layout_runs.glob(f"*-n{n}*.json"))
+    assert len(names) == (7 if n == 1 else 8), names  # tp2, pp2, dp2, tp2pp2, dp2pp2, dp2tp2 (+ uneven / 2 tied)
     references = {}
     worst_loss, worst_param = 0.0, 0.0
     for name in names:
-        dp = int(name.split("dp")[1].split("-")[0])
-        if dp not in references:
-            references[dp] = _reference(n, dp)
-        ref_history, ref_params, ref_engine = references[dp]
+        dp, tie = int(name.split("dp")[1].split("-")[0]), name.endswith("-tie")  # "-uneven": same reference
+        if (dp, tie) not in references:
+            references[(dp, tie)] = _reference(n, dp, tie)
+        ref_history, ref_params, ref_engine = references[(dp, tie)]
         history = json.loads((layout_runs / f"{name}.json").read_text())
         assert len(history) == len(ref_history) == script.STEPS
         for step, (got, want) in enumerate(zip(history, ref_history, strict=True)):
