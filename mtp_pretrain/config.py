@@ -68,6 +68,7 @@ class OptimConfig:
 class ParallelConfig:
     tp: int = 1  # tensor parallel: splits attention heads, FFN and the vocabulary
     pp: int = 1  # pipeline stages: stage 0 holds the embedding, the last one the n heads
+    vpp: int | None = None  # virtual stages (model chunks) per pipeline rank: interleaved 1F1B when > 1
     overlap_grad_reduce: bool = True  # megatron DDP: reduce gradient buckets while backward runs
     # Uneven pipeline split: trunk layers on the first / last stage (the rest share the middle stages
     # evenly). The last stage also runs the n head blocks and n unembeddings: give it fewer trunk layers.
@@ -203,6 +204,18 @@ def validate(cfg: Config) -> None:
         + (f" with first/last stage layers {p.first_stage_layers}/{p.last_stage_layers}" if uneven else "")
         + "; change model.num_layers, mtp.n, parallel.pp or the per-stage layer counts",
     )
+    if p.vpp is not None and p.vpp > 1:
+        _require(p.pp > 1, f"parallel.vpp={p.vpp} (interleaved schedule) needs parallel.pp > 1")
+        _require(not uneven, "parallel.vpp > 1 cannot be combined with first/last_stage_layers")
+        _require(
+            trunk % (p.pp * p.vpp) == 0,
+            f"the trunk's {trunk} layers do not split into parallel.pp*parallel.vpp={p.pp * p.vpp} chunks",
+        )
+        _require(
+            t.grad_accum % p.pp == 0,
+            f"trainer.grad_accum={t.grad_accum} must be a multiple of parallel.pp={p.pp} for the interleaved "
+            f"schedule (megatron runs micro-batches in groups of pp per virtual stage)",
+        )
     _require(cfg.data.val_shards >= 1, "data.val_shards must be >= 1 (validation needs held-out shards)")
     _require(cfg.data.vocab_size >= 256 + 2, "data.vocab_size must be >= 258 (byte alphabet + EOS + PAD)")
 

@@ -45,7 +45,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, timeout_min: int = 30) -> Layout:
+def init_distributed(
+    tp: int = 1, pp: int = 1, seed: int = 0, timeout_min: int = 30, vpp: int | None = None
+) -> Layout:
     """Start torch.distributed (env:// under torchrun, a private world of one otherwise) and megatron groups."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -65,7 +67,9 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, timeout_min: int =
     layout = Layout(world_size=dist.get_world_size(), tp=tp, pp=pp)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
         )
     model_parallel_cuda_manual_seed(seed)
     return layout

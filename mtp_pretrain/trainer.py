@@ -28,7 +28,7 @@ from mtp_pretrain.engine.megatron import Batch, MegatronEngine
 from mtp_pretrain.flops import peak_flops, train_flops_per_token
 from mtp_pretrain.loss import STAT_CORRECT, STAT_COUNT, STAT_LOSS_SUM
 from mtp_pretrain.metrics import MetricsLogger
-from mtp_pretrain.model.mtp_model import build_model, padded_vocab_size, transformer_config
+from mtp_pretrain.model.mtp_model import build_pipeline_chunks, padded_vocab_size, transformer_config
 from mtp_pretrain.rng import get_rng_state, set_rng_state
 
 
@@ -66,26 +66,20 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         t = cfg.trainer
-        self.layout = parallel.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=t.seed)
+        self.layout = parallel.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=t.seed, vpp=cfg.parallel.vpp)
         self.run_dir = Path(t.run_dir)
         self.corpus = self._prepare_corpus()
         self.vocab_size = load_tokenizer(self.corpus.tokenizer_path).get_vocab_size()
-        torch.manual_seed(t.seed)  # identical initial weights for every layout
+        torch.manual_seed(t.seed)  # torch's own streams (dropout); weights come from init_parameters(seed)
         self.tconfig = transformer_config(
             cfg.model, cfg.mtp, cfg.parallel.tp, cfg.parallel.pp, bf16=t.bf16, recompute=t.recompute,
-            stage_layers=(cfg.parallel.first_stage_layers, cfg.parallel.last_stage_layers),
+            stage_layers=(cfg.parallel.first_stage_layers, cfg.parallel.last_stage_layers), vpp=cfg.parallel.vpp,
         )  # fmt: skip
-        model = build_model(
-            cfg.model,
-            cfg.mtp,
-            padded_vocab_size(self.vocab_size, cfg.parallel.tp),
-            self.tconfig,
-            pre_process=parallel_state.is_pipeline_first_stage(),
-            post_process=parallel_state.is_pipeline_last_stage(),
-            seed=t.seed,
+        chunks = build_pipeline_chunks(
+            cfg.model, cfg.mtp, padded_vocab_size(self.vocab_size, cfg.parallel.tp), self.tconfig, seed=t.seed
         )
         self.engine = MegatronEngine(
-            model, self.tconfig, cfg.optim, t.steps, bf16=t.bf16, overlap_grad_reduce=cfg.parallel.overlap_grad_reduce
+            chunks, self.tconfig, cfg.optim, t.steps, bf16=t.bf16, overlap_grad_reduce=cfg.parallel.overlap_grad_reduce
         )
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         self.sample_len = cfg.model.seq_len + cfg.mtp.n

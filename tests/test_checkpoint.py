@@ -19,8 +19,7 @@ VOCAB, BATCH = 256, 2
 
 
 def _model(seed: int):
-    torch.manual_seed(seed)
-    return build_model(MODEL, MTP, VOCAB, transformer_config(MODEL, MTP))
+    return build_model(MODEL, MTP, VOCAB, transformer_config(MODEL, MTP), seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -177,9 +176,8 @@ def test_load_with_another_world_size_drops_per_rank_state(model, tmp_path):
 
 
 def _engine(seed: int) -> MegatronEngine:
-    torch.manual_seed(seed)
     tconfig = transformer_config(MODEL, MTP)
-    return MegatronEngine(build_model(MODEL, MTP, VOCAB, tconfig), tconfig, OptimConfig(warmup_steps=1), 10)
+    return MegatronEngine(build_model(MODEL, MTP, VOCAB, tconfig, seed=seed), tconfig, OptimConfig(warmup_steps=1), 10)
 
 
 def _step(engine: MegatronEngine, tokens: torch.Tensor):

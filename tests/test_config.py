@@ -149,3 +149,14 @@ def test_uneven_pipeline_split():
         compose_config("model.num_layers=9", "mtp.n=4", "parallel.pp=3", "parallel.first_stage_layers=4")
     with pytest.raises(ConfigError, match=r"need parallel\.pp > 1"):
         compose_config("parallel.first_stage_layers=1")
+
+
+def test_interleaved_schedule_validation():
+    cfg = compose_config("mtp=n1", "model.num_layers=5", "parallel.pp=2", "parallel.vpp=2", "trainer.grad_accum=2")
+    assert cfg.parallel.vpp == 2  # 4 trunk layers = 2 stages x 2 chunks
+    with pytest.raises(ConfigError, match=r"parallel\.vpp=2 .* needs parallel\.pp > 1"):
+        compose_config("parallel.vpp=2")
+    with pytest.raises(ConfigError, match=r"trainer\.grad_accum=1 must be a multiple of parallel\.pp=2"):
+        compose_config("mtp=n1", "model.num_layers=5", "parallel.pp=2", "parallel.vpp=2")
+    with pytest.raises(ConfigError, match="do not split into"):
+        compose_config("parallel.pp=2", "parallel.vpp=2", "trainer.grad_accum=2")  # n=4: 2 trunk layers

@@ -44,7 +44,7 @@ class MegatronEngine:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: torch.nn.Module | list[torch.nn.Module],
         config: TransformerConfig,
         optim: OptimConfig,
         total_steps: int,
@@ -52,13 +52,18 @@ class MegatronEngine:
         overlap_grad_reduce: bool = False,
         bucket_size: int | None = None,
     ) -> None:
+        chunks = model if isinstance(model, list) else [model]
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=overlap_grad_reduce,
             use_distributed_optimizer=True,
             bucket_size=bucket_size,  # elements per reduction bucket; None = megatron's default
         )
-        self.model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+        # one DDP per model chunk; as in megatron's training loop, only the first chunk buckets its grads
+        self.chunks = [
+            DistributedDataParallel(config=config, ddp_config=ddp_config, module=m, disable_bucketing=i > 0)
+            for i, m in enumerate(chunks)
+        ]
         self.config = config
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
@@ -74,7 +79,7 @@ class MegatronEngine:
                 params_dtype=config.params_dtype,
                 use_distributed_optimizer=True,
             ),
-            [self.model],
+            self.chunks,
         )
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
@@ -93,8 +98,15 @@ class MegatronEngine:
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss
         if overlap_grad_reduce:
-            config.no_sync_func = self.model.no_sync
-            config.grad_sync_func = self.model.start_grad_sync
+            no_sync = [c.no_sync for c in self.chunks]
+            grad_sync = [c.start_grad_sync for c in self.chunks]
+            config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+            config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
+
+    @property
+    def model(self) -> DistributedDataParallel:
+        """The (first) model chunk; with one chunk per rank, the model."""
+        return self.chunks[0]
 
     def _forward_step(self, data_iterator: Iterator[Batch], model: torch.nn.Module) -> tuple[Any, Callable]:
         tokens, valid = next(data_iterator)
@@ -108,10 +120,13 @@ class MegatronEngine:
         return output, loss_func
 
     def _run(self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int, forward_only: bool):
+        if len(self.chunks) > 1:  # interleaved: every chunk walks the same micro-batches
+            mbs = list(batches)
+            batches = [iter(mbs) for _ in self.chunks]
         return get_forward_backward_func()(
             forward_step_func=self._forward_step,
             data_iterator=batches,
-            model=[self.model],
+            model=self.chunks,
             num_microbatches=num_microbatches,
             seq_length=seq_len,
             micro_batch_size=micro_batch,
@@ -119,8 +134,9 @@ class MegatronEngine:
         )
 
     def train_step(self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int) -> StepResult:
-        self.model.train()
-        self.model.zero_grad_buffer()
+        for c in self.chunks:
+            c.train()
+            c.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run(batches, num_microbatches, seq_len, micro_batch, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
@@ -137,24 +153,34 @@ class MegatronEngine:
 
     @torch.no_grad()
     def eval_step(self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int) -> tuple[float, Tensor | None]:
-        self.model.eval()
+        for c in self.chunks:
+            c.eval()
         return _reduce_outputs(self._run(batches, num_microbatches, seq_len, micro_batch, forward_only=True))
 
     # -- checkpoint protocol ------------------------------------------------------------------------
     def sharded_state_dict(self, is_loading: bool = False) -> dict:
-        """Model + optimizer as megatron ShardedTensors (a template to fill when is_loading)."""
-        model_sd = self.model.module.sharded_state_dict()  # keys without the DDP wrapper's "module."
+        """Model + optimizer as megatron ShardedTensors (a template to fill when is_loading).
+
+        Chunks go under model0, model1, ... (megatron's convention); tensors are keyed by their global
+        names, so a checkpoint loads under any TP x PP x VPP x DP layout.
+        """
+        models = {f"model{i}" if len(self.chunks) > 1 else "model": c.module.sharded_state_dict()
+                  for i, c in enumerate(self.chunks)}  # fmt: skip
+        merged = {k: v for sd in models.values() for k, v in sd.items()}
         if is_loading:
             _set_adam_steps(self.optimizer, present=True)
         optim_sd = self.optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+            merged if len(models) > 1 else models["model"],
+            is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable"},
         )
         if is_loading:
             _set_adam_steps(self.optimizer, present=False)
-        return {"model": model_sd, "optimizer": optim_sd}
+        return {**models, "optimizer": optim_sd}
 
     def load_sharded_state_dict(self, state: dict) -> None:
-        self.model.module.load_state_dict(state["model"])
+        for i, c in enumerate(self.chunks):
+            c.module.load_state_dict(state[f"model{i}" if len(self.chunks) > 1 else "model"])
         with _tolerate_missing_step(self.optimizer):
             self.optimizer.load_state_dict(state["optimizer"])
         _unshare_adam_steps(self.optimizer)

@@ -21,13 +21,19 @@ class MTPHeads(MegatronModule):
     """n independent head layers + the shared final norm (last pipeline stage only)."""
 
     def __init__(
-        self, config: TransformerConfig, layer_spec: ModuleSpec, n: int, first_layer_number: int
+        self,
+        config: TransformerConfig,
+        layer_spec: ModuleSpec,
+        n: int,
+        first_layer_number: int,
+        vp_stage: int | None = None,
     ) -> None:
         super().__init__(config=config)
         # Layer numbers continue the trunk's (megatron adds this stage's offset), so every layer of the
         # model has a distinct number: L-n+1 .. L for the heads, as in a plain L-layer decoder.
         self.layers = torch.nn.ModuleList(
-            build_module(layer_spec, config=config, layer_number=first_layer_number + i) for i in range(n)
+            build_module(layer_spec, config=config, layer_number=first_layer_number + i, vp_stage=vp_stage)
+            for i in range(n)
         )
         norm_cls = LocalSpecProvider().layer_norm(rms_norm=config.normalization == "RMSNorm")
         self.final_layernorm = build_module(

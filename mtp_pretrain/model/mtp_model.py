@@ -44,15 +44,19 @@ def transformer_config(
     bf16: bool = False,
     recompute: bool = False,
     stage_layers: tuple[int | None, int | None] = (None, None),
+    vpp: int | None = None,
 ) -> TransformerConfig:
     """megatron TransformerConfig of the *trunk* (num_layers = L - n); the heads reuse it for their blocks.
 
-    stage_layers: trunk layers on the first and last pipeline stage (None: an even split).
+    stage_layers: trunk layers on the first and last pipeline stage (None: an even split); vpp: virtual
+    pipeline stages (model chunks) per rank for the interleaved schedule.
     """
     dtype = torch.bfloat16 if bf16 else torch.float32
     extra: dict = dict(compat.cpu_safe_config_overrides())
     first, last = stage_layers
     extra.update(num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last)
+    if vpp and vpp > 1:  # interleaved 1F1B: each rank holds vpp model chunks
+        extra.update(virtual_pipeline_model_parallel_size=vpp)
     # The MTP loss takes weight gradients with torch.autograd.grad; fused accumulation would write them
     # into main_grad behind its back (and count them twice). Off on every device.
     extra["gradient_accumulation_fusion"] = False
@@ -99,8 +103,10 @@ class MTPModel(LanguageModule):
         chunk_size: int = 0,
         memory_efficient: bool = True,
         layer_spec: ModuleSpec | None = None,
+        vp_stage: int | None = None,
     ) -> None:
         super().__init__(config=config)
+        self.vp_stage = vp_stage  # this chunk's virtual pipeline stage (interleaved schedule), else None
         self.vocab_size, self.n_heads, self.seq_len = vocab_size, n_heads, seq_len
         self.pre_process, self.post_process = pre_process, post_process
         self.share_embeddings_and_output_weights = tie_embeddings
@@ -121,10 +127,13 @@ class MTPModel(LanguageModule):
         )
         # The trunk: no final norm here — each head's block comes first, then the shared norm.
         self.decoder = TransformerBlock(
-            config=config, spec=spec, post_layer_norm=False, pre_process=pre_process, post_process=post_process
-        )
+            config=config, spec=spec, post_layer_norm=False, pre_process=pre_process, post_process=post_process,
+            vp_stage=vp_stage,
+        )  # fmt: skip
         if post_process:
-            self.heads = MTPHeads(config, spec, n_heads, first_layer_number=len(self.decoder.layers) + 1)
+            self.heads = MTPHeads(
+                config, spec, n_heads, first_layer_number=len(self.decoder.layers) + 1, vp_stage=vp_stage
+            )
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.hidden_size,
                 vocab_size,
@@ -199,6 +208,7 @@ def build_model(
     pre_process: bool = True,
     post_process: bool = True,
     seed: int = 0,
+    vp_stage: int | None = None,
 ) -> MTPModel:
     """The model (or this rank's pipeline stage of it) from the structured config, initialised from `seed`
     identically under every parallel layout."""
@@ -214,6 +224,27 @@ def build_model(
         loss_weights=mtp.loss_weights,
         chunk_size=mtp.chunk_size,
         memory_efficient=mtp.memory_efficient,
+        vp_stage=vp_stage,
     )
     init_parameters(mtp_model, config, total_layers=model.num_layers, seed=seed)
     return mtp_model
+
+
+def build_pipeline_chunks(
+    model: ModelConfig, mtp: MTPConfig, vocab_size: int, config: TransformerConfig, seed: int = 0
+) -> list[MTPModel]:
+    """This rank's model chunks: one, or `vpp` of them under the interleaved schedule. The embedding goes
+    to the first chunk of pipeline rank 0, the heads and unembedding to the last chunk of the last rank."""
+    from megatron.core import parallel_state
+
+    vpp = config.virtual_pipeline_model_parallel_size
+    stages = range(vpp) if vpp and vpp > 1 else [None]
+    return [
+        build_model(
+            model, mtp, vocab_size, config,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            seed=seed, vp_stage=vp,
+        )  # fmt: skip
+        for vp in stages
+    ]

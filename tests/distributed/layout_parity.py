@@ -1,8 +1,8 @@
 """Run under torchrun (gloo): train a fixed tiny model on fixed data in several TP x PP x DP layouts.
 
     torchrun --nproc-per-node=W tests/distributed/layout_parity.py OUT_DIR LAYOUT [LAYOUT ...]
-    LAYOUT = tp,pp[,tie|uneven]  (dp = W / (tp * pp); tie: tied embeddings across first and last stage,
-             n=4 only; uneven: 3 + 1 trunk layers on 2 stages, n=1 only)
+    LAYOUT = tp,pp[,tie|uneven|vpp2]  (dp = W / (tp * pp); tie: tied embeddings across first and last
+             stage, n=4 only; uneven: 3 + 1 trunk layers on 2 stages, n=1 only; vpp2: interleaved, n=1 only)
 
 For each layout and n in {1, 4} it runs STEPS optimizer steps with grad accumulation GA per DP rank,
 writes the per-step per-head losses (OUT_DIR/<layout>-n<n>.json, logging rank) and saves the final model
@@ -21,7 +21,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from mtp_pretrain import parallel
 from mtp_pretrain.config import ModelConfig, MTPConfig, OptimConfig
 from mtp_pretrain.engine.megatron import MegatronEngine
-from mtp_pretrain.model.mtp_model import build_model, transformer_config
+from mtp_pretrain.model.mtp_model import build_pipeline_chunks, transformer_config
 from mtp_pretrain.trainer import head_metrics
 
 VOCAB, STEPS, GA, MICRO = 256, 6, 2, 2
@@ -51,23 +51,22 @@ def micro_batches(step: int, n: int, dp: int, dp_rank: int, ga: int) -> list[tor
     return [batch[(m * dp + dp_rank) * MICRO : (m * dp + dp_rank + 1) * MICRO] for m in range(ga)]
 
 
-def build_engine(n: int, tp: int, pp: int, tie: bool = False, uneven: bool = False) -> MegatronEngine:
+def build_engine(
+    n: int, tp: int, pp: int, tie: bool = False, uneven: bool = False, vpp: int | None = None
+) -> MegatronEngine:
     cfg, mtp = model_cfg(n, tie), MTPConfig(n=n)
     stage_layers = (3, None) if uneven else (None, None)  # n=1: 4 trunk layers as 3 + 1
-    tconf = transformer_config(cfg, mtp, tp=tp, pp=pp, stage_layers=stage_layers)
-    model = build_model(
-        cfg, mtp, VOCAB, tconf,
-        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
-    )  # fmt: skip
+    tconf = transformer_config(cfg, mtp, tp=tp, pp=pp, stage_layers=stage_layers, vpp=vpp)
+    model = build_pipeline_chunks(cfg, mtp, VOCAB, tconf)
     # overlapped reduction in many small buckets: a bucket holding the shared unembedding (or any head) must
     # not be reduced before the last head's gradient is in, or DP layouts drift from one process
     return MegatronEngine(model, tconf, OPTIM, STEPS, overlap_grad_reduce=True, bucket_size=4096)
 
 
 def run(
-    n: int, tp: int, pp: int, dp: int, ga: int = GA, tie: bool = False, uneven: bool = False
+    n: int, tp: int, pp: int, dp: int, ga: int = GA, tie: bool = False, uneven: bool = False, vpp: int | None = None
 ) -> tuple[list[dict], MegatronEngine]:
-    engine = build_engine(n, tp, pp, tie, uneven)
+    engine = build_engine(n, tp, pp, tie, uneven, vpp)
     dp_rank = parallel_state.get_data_parallel_rank()
     history = []
     for step in range(STEPS):
@@ -86,18 +85,22 @@ def main() -> None:
     for spec in sys.argv[2:]:  # "tp,pp" or "tp,pp,tie" (tied embeddings, n=4) or "tp,pp,uneven" (3+1 layers, n=1)
         tp, pp, *flags = spec.split(",")
         tp, pp, tie, uneven = int(tp), int(pp), "tie" in flags, "uneven" in flags
+        vpp = 2 if "vpp2" in flags else None
         dp = parallel.Layout(world, tp=tp, pp=pp).dp
-        for n in (4,) if tie else (1,) if uneven else (1, 4):
+        for n in (4,) if tie else (1,) if uneven or vpp else (1, 4):
             parallel_state.destroy_model_parallel()
-            parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+            parallel_state.initialize_model_parallel(
+                tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp
+            )
             model_parallel_cuda_manual_seed(0)
-            history, engine = run(n, tp, pp, dp, tie=tie, uneven=uneven)
-            name = f"tp{tp}pp{pp}dp{dp}-n{n}" + ("-tie" if tie else "") + ("-uneven" if uneven else "")
+            history, engine = run(n, tp, pp, dp, tie=tie, uneven=uneven, vpp=vpp)
+            name = f"tp{tp}pp{pp}dp{dp}-n{n}" + "".join(f"-{f}" for f in flags)
             ckpt = out / name
             if torch.distributed.get_rank() == 0:
                 ckpt.mkdir(parents=True, exist_ok=True)
             torch.distributed.barrier()
-            dist_checkpointing.save({"model": engine.model.module.sharded_state_dict()}, str(ckpt))
+            models = {f"model{i}": c.module.sharded_state_dict() for i, c in enumerate(engine.chunks)}
+            dist_checkpointing.save(models, str(ckpt))
             if parallel.is_logging_rank():
                 (out / f"{name}.json").write_text(json.dumps(history))
             torch.distributed.barrier()

@@ -14,8 +14,9 @@ from megatron.core import dist_checkpointing
 from tests.distributed import layout_parity as script
 from tests.distributed.test_tensor_parallel import ROOT, torchrun
 
-# world 2: TP2, PP2, DP2 (+ PP2 tied, PP2 uneven); world 4: TP2xPP2, DP2xPP2, DP2xTP2 (+ TP2xPP2 tied)
-LAUNCHES = {2: ["2,1", "1,2", "1,1", "1,2,tie", "1,2,uneven"], 4: ["2,2", "1,2", "2,1", "2,2,tie"]}
+# world 2: TP2, PP2, DP2 (+ PP2 tied, PP2 uneven, PP2 x VPP2 interleaved);
+# world 4: TP2xPP2, DP2xPP2, DP2xTP2 (+ TP2xPP2 tied)
+LAUNCHES = {2: ["2,1", "1,2", "1,1", "1,2,tie", "1,2,uneven", "1,2,vpp2"], 4: ["2,2", "1,2", "2,1", "2,2,tie"]}
 LOSS_TOL, PARAM_TOL = 1e-5, 3e-5  # params: Adam magnifies fp32 reduction-order noise on rarely-hit embedding rows
 
 
@@ -36,11 +37,12 @@ def _reference(n: int, dp: int, tie: bool):  # an uneven pipeline split is the s
 @pytest.mark.parametrize("n", [1, 4])
 def test_every_layout_matches_one_process(dist_world, layout_runs, n):
     names = sorted(p.stem for p in layout_runs.glob(f"*-n{n}*.json"))
-    assert len(names) == (7 if n == 1 else 8), names  # tp2, pp2, dp2, tp2pp2, dp2pp2, dp2tp2 (+ uneven / 2 tied)
+    assert len(names) == 8, names  # tp2, pp2, dp2, tp2pp2, dp2pp2, dp2tp2 + (uneven, vpp2) or (2 tied)
     references = {}
     worst_loss, worst_param = 0.0, 0.0
     for name in names:
-        dp, tie = int(name.split("dp")[1].split("-")[0]), name.endswith("-tie")  # "-uneven": same reference
+        # "-uneven" / "-vpp2" split the same model differently: same reference
+        dp, tie = int(name.split("dp")[1].split("-")[0]), name.endswith("-tie")
         if (dp, tie) not in references:
             references[(dp, tie)] = _reference(n, dp, tie)
         ref_history, ref_params, ref_engine = references[(dp, tie)]
