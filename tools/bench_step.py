@@ -1,6 +1,6 @@
 """Training-step time of n=1 vs n=4 on the same trunk, next to the FLOP ratio from the model shape.
 
-Same trunk (its layer count fixed), n head blocks on top; one process (or `--nproc N` via torchrun for a
+Same trunk (its layer count fixed), n head blocks on top; one process (or `--world-size N` via torchrun for a
 parallel layout: pass the usual `--tp/--pp`). Step times are the median of timed steps after warm-up,
 n=1 and n=4 interleaved so machine noise hits both alike. Prints the ratio (time n=4 / time n=1) divided by
 the FLOP ratio: 1.0 means the extra heads cost exactly their FLOPs; the target is <= 1.05.
@@ -54,11 +54,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--bf16", action="store_true")
-    p.add_argument("--nproc", type=int, default=1, help="re-launch under torchrun with this many processes")
+    p.add_argument("--world-size", type=int, default=1, help="re-launch under torchrun with this many processes")
     args = p.parse_args(argv)
-    if args.nproc > 1 and "RANK" not in os.environ:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               __file__, *[a for a in (argv or sys.argv[1:]) if not a.startswith("--nproc")]]  # fmt: skip
+    if args.world_size > 1 and "RANK" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.world_size}",
+               __file__, *(argv or sys.argv[1:])]  # fmt: skip  (the children see RANK and do not relaunch)
         sys.exit(subprocess.call(cmd))
 
     from mtp_pretrain import parallel
