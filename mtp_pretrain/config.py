@@ -66,6 +66,7 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
+    engine: str = "megatron"  # how gradients are reduced and the optimizer steps (megatron DDP + DistOpt)
     tp: int = 1  # tensor parallel: splits attention heads, FFN and the vocabulary
     pp: int = 1  # pipeline stages: stage 0 holds the embedding, the last one the n heads
     vpp: int | None = None  # virtual stages (model chunks) per pipeline rank: interleaved 1F1B when > 1
@@ -177,6 +178,10 @@ def validate(cfg: Config) -> None:
     )
     _require(cfg.data.docs_per_shard >= 1, f"data.docs_per_shard={cfg.data.docs_per_shard} must be >= 1")
     p = cfg.parallel
+    _require(
+        p.engine == "megatron",
+        f"parallel.engine={p.engine!r}: only 'megatron' is available (megatron DDP + DistributedOptimizer)",
+    )
     _require(p.tp >= 1 and p.pp >= 1, f"parallel.tp={p.tp} and parallel.pp={p.pp} must be >= 1")
     _require(
         m.num_attention_heads % p.tp == 0,

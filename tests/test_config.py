@@ -127,6 +127,7 @@ def test_every_mtp_preset_composes(group):
         (["parallel.tp=2", "model.num_query_groups=1"], "num_query_groups"),
         (["parallel.pp=3"], "parallel.pp"),
         (["parallel.tp=0"], "parallel.tp"),
+        (["parallel.engine=nope"], "parallel.engine"),
     ],
 )
 def test_parallel_layout_errors_name_the_key(overrides, key):
