@@ -166,11 +166,10 @@ class MegatronEngine:
         """
         models = {f"model{i}" if len(self.chunks) > 1 else "model": c.module.sharded_state_dict()
                   for i, c in enumerate(self.chunks)}  # fmt: skip
-        merged = {k: v for sd in models.values() for k, v in sd.items()}
         if is_loading:
             _set_adam_steps(self.optimizer, present=True)
-        optim_sd = self.optimizer.sharded_state_dict(
-            merged if len(models) > 1 else models["model"],
+        optim_sd = self.optimizer.sharded_state_dict(  # finds each parameter's ShardedTensor in the nesting
+            models,
             is_loading=is_loading,
             metadata={"distrib_optim_sharding_type": "fully_reshardable"},
         )

@@ -5,8 +5,8 @@
              stage, n=4 only; uneven: 3 + 1 trunk layers on 2 stages, n=1 only; vpp2: interleaved, n=1 only)
 
 For each layout and n in {1, 4} it runs STEPS optimizer steps with grad accumulation GA per DP rank,
-writes the per-step per-head losses (OUT_DIR/<layout>-n<n>.json, logging rank) and saves the final model
-with dist_checkpointing (OUT_DIR/<layout>-n<n>/), which the pytest side loads into a single-process
+writes the per-step per-head losses (OUT_DIR/<layout>-n<n>.json, logging rank) and saves the final engine
+state (model chunks + optimizer) with dist_checkpointing (OUT_DIR/<layout>-n<n>/), which the pytest side loads into a single-process
 model (resharding) to compare parameters with a single-process run of the same global batches.
 """
 
@@ -99,8 +99,8 @@ def main() -> None:
             if torch.distributed.get_rank() == 0:
                 ckpt.mkdir(parents=True, exist_ok=True)
             torch.distributed.barrier()
-            models = {f"model{i}": c.module.sharded_state_dict() for i, c in enumerate(engine.chunks)}
-            dist_checkpointing.save(models, str(ckpt))
+            # the engine's whole state (model chunks + DistributedOptimizer), as the trainer checkpoints it
+            dist_checkpointing.save(engine.sharded_state_dict(), str(ckpt))
             if parallel.is_logging_rank():
                 (out / f"{name}.json").write_text(json.dumps(history))
             torch.distributed.barrier()
