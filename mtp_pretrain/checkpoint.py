@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from mtp_pretrain.parallel import barrier, rank, world_size
 
 FORMAT_VERSION = 1
 _LATEST = "latest"
@@ -31,15 +32,6 @@ _TMP_PREFIX = ".tmp-"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, partial, corrupt or does not fit this run."""
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -92,7 +84,7 @@ class Checkpointer:
 
         final = self.root / step_dir_name(step)
         tmp = self.root / f"{_TMP_PREFIX}{final.name}"
-        if _rank() == 0:
+        if rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(f"{_TMP_PREFIX}*"):  # left by a crash during an earlier save
                 if stale.is_dir():
@@ -100,17 +92,17 @@ class Checkpointer:
                 else:
                     stale.unlink(missing_ok=True)
             tmp.mkdir()
-        _barrier()
+        barrier()
         dist_checkpointing.save(sharded, str(tmp))
-        torch.save(per_rank, tmp / f"rank_{_rank():05d}.pt")
-        if _rank() == 0:
+        torch.save(per_rank, tmp / f"rank_{rank():05d}.pt")
+        if rank() == 0:
             torch.save(common, tmp / "trainer.pt")
-        _barrier()  # every rank's files are on disk
-        if _rank() == 0:
+        barrier()  # every rank's files are on disk
+        if rank() == 0:
             meta = {
                 "format_version": FORMAT_VERSION,
                 "step": step,
-                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                "world_size": world_size(),
                 "files": _describe_files(tmp),
             }
             _atomic_write_text(tmp / "mtp_checkpoint.json", json.dumps(meta, indent=1))
@@ -119,7 +111,7 @@ class Checkpointer:
             os.replace(tmp, final)
             _atomic_write_text(self.root / _LATEST, final.name)
             self._retain()
-        _barrier()
+        barrier()
         return final
 
     def _retain(self) -> None:
@@ -142,7 +134,7 @@ class Checkpointer:
                 verify(c)
                 return c
             except CheckpointError as e:
-                if _rank() == 0:
+                if rank() == 0:
                     print(f"checkpoint: skipping {c.name}: {e}")
         return None
 
@@ -154,7 +146,7 @@ class Checkpointer:
         meta = verify(ckpt)
         state = dist_checkpointing.load(sharded_template, str(ckpt))
         common = torch.load(ckpt / "trainer.pt", weights_only=True)
-        rank_file = ckpt / f"rank_{_rank():05d}.pt"
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank_file = ckpt / f"rank_{rank():05d}.pt"
+        world = world_size()
         per_rank = torch.load(rank_file, weights_only=True) if meta["world_size"] == world else None
         return state, common, per_rank

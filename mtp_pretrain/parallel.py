@@ -88,6 +88,15 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def is_logging_rank() -> bool:
     """The rank that prints and logs: the last pipeline stage of the first TP/DP group holds the losses."""
     from megatron.core import parallel_state
