@@ -81,11 +81,11 @@ class Trainer:
         self.engine = MegatronEngine(
             chunks, self.tconfig, cfg.optim, t.steps, bf16=t.bf16, overlap_grad_reduce=cfg.parallel.overlap_grad_reduce
         )
-        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
         self.sample_len = cfg.model.seq_len + cfg.mtp.n
         self.train_data = PackedBatchStream(
             self.corpus.train_urls, self.corpus.tokenizer_path, t.micro_batch_size, self.sample_len,
-            seed=t.seed, dp_rank=dp_rank, dp_size=dp_size,
+            seed=t.seed, dp_rank=self.dp_rank, dp_size=self.layout.dp,
         )  # fmt: skip
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep_last=t.keep_last)
         self.step = 0
@@ -158,10 +158,10 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         t = self.cfg.trainer
-        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        n_val = len(self.corpus.val_urls)
         val = PackedBatchStream(
             self.corpus.val_urls, self.corpus.tokenizer_path, t.micro_batch_size, self.sample_len,
-            seed=0, dp_rank=dp_rank % len(self.corpus.val_urls), dp_size=min(dp_size, len(self.corpus.val_urls)),
+            seed=0, dp_rank=self.dp_rank % n_val, dp_size=min(self.layout.dp, n_val),
             shuffle_shards=False,
         )  # fmt: skip
         loss, stats = self.engine.eval_step(
