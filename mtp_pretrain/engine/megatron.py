@@ -25,6 +25,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
+from mtp_pretrain import compat
 from mtp_pretrain.config import OptimConfig
 
 Batch = tuple[Tensor, Tensor]  # tokens [B, T+n], target validity [B, T+n]
@@ -110,7 +111,8 @@ class MegatronEngine:
 
     def _forward_step(self, data_iterator: Iterator[Batch], model: torch.nn.Module) -> tuple[Any, Callable]:
         tokens, valid = next(data_iterator)
-        output = model(tokens, valid)
+        dev = compat.device()  # loaders yield CPU tensors; on GPUs the model's weights live on the device
+        output = model(tokens.to(dev, non_blocking=True), valid.to(dev, non_blocking=True))
 
         def loss_func(out: tuple[Tensor, Tensor]) -> tuple[Tensor, dict]:
             loss, stats = out
