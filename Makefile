@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv train test lint bench-memory
+.PHONY: venv train test lint bench-memory bench-data
 venv:
 	@bash tools/bootstrap.sh
 
@@ -18,3 +18,7 @@ lint: venv
 
 bench-memory: venv
 	$(PY) tools/bench_loss_memory.py
+
+# Data-loader tokens/s (text / pre-tokenized shards, 0-2 workers) vs the default training step's consumption.
+bench-data: venv
+	$(PY) tools/bench_data.py $(ARGS)

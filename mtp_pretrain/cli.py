@@ -7,6 +7,8 @@ line naming the problem and exit status 2, before any training starts.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -69,23 +71,32 @@ def train() -> None:
 
 def make_shards(argv: list[str] | None = None) -> None:
     """mtp-make-shards SOURCE... --out DIR: documents from files/dirs/JSONL into webdataset tar shards."""
-    from mtp_pretrain.data.shards import iter_source_documents, write_shards
+    from mtp_pretrain.data.shards import MANIFEST, iter_source_documents, write_shards
 
     p = argparse.ArgumentParser(prog="mtp-make-shards", description=make_shards.__doc__)
-    p.add_argument("sources", nargs="+")
-    p.add_argument("--out", required=True)
+    p.add_argument("sources", nargs="+", help="directories, .txt, .jsonl or .jsonl.gz files")
+    p.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
     p.add_argument("--prefix", default="shard")
-    p.add_argument("--docs-per-shard", type=int, default=1000)
+    p.add_argument("--shard-size-mb", type=float, default=256, help="target shard size (a new shard starts above it)")
+    p.add_argument("--docs-per-shard", type=int, default=10**9, help="at most this many documents per shard")
     p.add_argument("--suffixes", default=".py,.txt,.md", help="file suffixes taken from directories")
     p.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl inputs")
+    p.add_argument("--tokenizer", help="tokenizer.json: store pre-tokenized token arrays instead of text")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (with --tokenizer)")
     a = p.parse_args(argv)
     try:
         docs = iter_source_documents(a.sources, suffixes=tuple(a.suffixes.split(",")), jsonl_text_field=a.text_field)
-        shards = write_shards(docs, a.out, prefix=a.prefix, max_docs_per_shard=a.docs_per_shard)
+        shards = write_shards(
+            docs, a.out, prefix=a.prefix, max_docs_per_shard=a.docs_per_shard,
+            max_bytes_per_shard=int(a.shard_size_mb * 2**20), tokenizer_path=a.tokenizer, workers=a.workers,
+            progress=True,
+        )  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         print(f"mtp-make-shards: error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {len(shards)} shard(s) to {a.out}")
+    manifest = json.loads((Path(a.out) / MANIFEST).read_text())
+    tokens = f", {manifest['num_tokens']} tokens" if manifest["num_tokens"] is not None else ""
+    print(f"wrote {len(shards)} shard(s), {manifest['num_samples']} documents{tokens} to {a.out} (+ {MANIFEST})")
 
 
 def train_tokenizer(argv: list[str] | None = None) -> None:
@@ -97,10 +108,12 @@ def train_tokenizer(argv: list[str] | None = None) -> None:
     p.add_argument("sources", nargs="+")
     p.add_argument("--out", required=True)
     p.add_argument("--vocab-size", type=int, default=32000)
-    p.add_argument("--suffixes", default=".py,.txt,.md")
+    p.add_argument("--suffixes", default=".py,.txt,.md", help="file suffixes taken from directories")
+    p.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl inputs")
     a = p.parse_args(argv)
     try:
-        texts = (d["text"] for d in iter_source_documents(a.sources, suffixes=tuple(a.suffixes.split(","))))
+        docs = iter_source_documents(a.sources, suffixes=tuple(a.suffixes.split(",")), jsonl_text_field=a.text_field)
+        texts = (d["text"] for d in docs)
         tok = train_bpe(texts, a.vocab_size, a.out)
     except (ValueError, FileNotFoundError) as e:
         print(f"mtp-train-tokenizer: error: {e}", file=sys.stderr)

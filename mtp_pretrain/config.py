@@ -44,12 +44,30 @@ class MTPConfig:
 
 
 @dataclass
+class DatasetConfig:
+    """One dataset of a training mix: pre-built shards (see mtp-make-shards)."""
+
+    urls: list[str] = MISSING  # files, directories, brace patterns (shard-{000000..000099}.tar), pipe: commands
+    weight: float = 1.0  # share of the training samples (normalised over the mix)
+    name: str = "data"
+
+
+@dataclass
 class DataConfig:
+    # Either a corpus built once from sources (default: the Python stdlib) ...
     source: list[str] | None = None  # directories / .txt / .jsonl files; None = the Python stdlib
     cache_dir: str = ".cache/data"  # tokenizer + shards are built here once and reused
     vocab_size: int = 4096  # tokenizer vocabulary trained offline
     val_shards: int = 1  # last shards held out for validation
     docs_per_shard: int = 64  # ~11 shards for the stdlib: a validation shard, and one per DP rank
+    # ... or pre-built shards (these replace the built corpus when set)
+    datasets: list[DatasetConfig] = field(default_factory=list)  # weighted mix of training datasets
+    val_urls: list[str] = field(default_factory=list)  # validation shards of the pre-built datasets
+    tokenizer: str | None = None  # tokenizer.json the pre-built shards were made with
+    text_field: str = "text"  # text field of .json members (shards written by other tools)
+    num_workers: int = 1  # DataLoader workers per rank (0 = read in the training process)
+    mask_doc_boundaries: bool = False  # drop targets that lie in another document than their input token
+    on_error: str = "skip"  # bad shard / sample: skip (count + warn) or raise
 
 
 @dataclass
@@ -176,7 +194,6 @@ def validate(cfg: Config) -> None:
         cfg.logging.wandb_mode in ("offline", "online", "disabled"),
         f"logging.wandb_mode={cfg.logging.wandb_mode!r}: use offline, online or disabled",
     )
-    _require(cfg.data.docs_per_shard >= 1, f"data.docs_per_shard={cfg.data.docs_per_shard} must be >= 1")
     p = cfg.parallel
     _require(
         p.engine == "megatron",
@@ -221,8 +238,28 @@ def validate(cfg: Config) -> None:
             f"trainer.grad_accum={t.grad_accum} must be a multiple of parallel.pp={p.pp} for the interleaved "
             f"schedule (megatron runs micro-batches in groups of pp per virtual stage)",
         )
-    _require(cfg.data.val_shards >= 1, "data.val_shards must be >= 1 (validation needs held-out shards)")
-    _require(cfg.data.vocab_size >= 256 + 2, "data.vocab_size must be >= 258 (byte alphabet + EOS + PAD)")
+    _validate_data(cfg.data, t)
+
+
+def _validate_data(d: DataConfig, t: TrainerConfig) -> None:
+    _require(d.on_error in ("skip", "raise"), f"data.on_error={d.on_error!r}: use skip or raise")
+    _require(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0 (0 = no worker processes)")
+    if d.datasets:
+        _require(
+            d.tokenizer is not None,
+            "data.datasets needs data.tokenizer: the tokenizer.json the shards were made with",
+        )
+        for i, ds in enumerate(d.datasets):
+            _require(bool(ds.urls), f"data.datasets[{i}].urls is empty: give shard files, a directory or a pattern")
+            _require(ds.weight > 0, f"data.datasets[{i}].weight={ds.weight} must be > 0")
+        _require(
+            bool(d.val_urls) or t.val_every == 0,
+            "data.val_urls is empty: give held-out shards for validation, or set trainer.val_every=0",
+        )
+        return
+    _require(d.val_shards >= 1, "data.val_shards must be >= 1 (validation needs held-out shards)")
+    _require(d.vocab_size >= 256 + 2, "data.vocab_size must be >= 258 (byte alphabet + EOS + PAD)")
+    _require(d.docs_per_shard >= 1, f"data.docs_per_shard={d.docs_per_shard} must be >= 1")
 
 
 def to_config(raw: Any) -> Config:

@@ -37,11 +37,17 @@ class HeadTargets:
 
     tokens: Tensor  # [B, T+n] int64
     valid: Tensor  # [B, T+n] bool; False = padding / masked target
+    # [B, T+n] document number of each token, or None: head i's target at position t counts only when it
+    # lies in the same document as the input token t (document-boundary masking)
+    segments: Tensor | None = None
 
     def of_head(self, i: int, seq_len: int) -> tuple[Tensor, Tensor]:
         """[T, B] targets and validity of head i, in megatron's sequence-first layout."""
         sl = slice(i + 1, i + 1 + seq_len)
-        return self.tokens[:, sl].t().contiguous(), self.valid[:, sl].t().contiguous()
+        valid = self.valid[:, sl]
+        if self.segments is not None:
+            valid = valid & (self.segments[:, sl] == self.segments[:, :seq_len])
+        return self.tokens[:, sl].t().contiguous(), valid.t().contiguous()
 
 
 def _vocab_parallel_argmax(logits: Tensor) -> Tensor:

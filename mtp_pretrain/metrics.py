@@ -168,7 +168,7 @@ def _to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _reduce_window(window: list[dict[str, float]]) -> dict[str, float]:
-    """Mean over the window per key; ``lr`` -> last value, ``mem_gb`` -> max."""
+    """Mean over the window per key; ``lr`` and ``data/*`` counters -> last value, ``mem_gb`` -> max."""
     if len(window) == 1:
         return dict(window[0])
     values: dict[str, list[float]] = {}
@@ -177,7 +177,7 @@ def _reduce_window(window: list[dict[str, float]]) -> dict[str, float]:
             values.setdefault(key, []).append(value)
     out = {}
     for key, vals in values.items():
-        if key == "lr":
+        if key == "lr" or key.startswith("data/"):  # data/*: running totals
             out[key] = vals[-1]
         elif key == "mem_gb":
             out[key] = max(vals)
@@ -440,6 +440,10 @@ class MetricsLogger:
 
     # ---- public API -------------------------------------------------------------------------------
 
+    def emits(self, step: int) -> bool:
+        """Whether ``log_train(step, ...)`` writes a point (the same answer on every rank)."""
+        return step % self.log_every == 0 or step >= self.total_steps or step == self.start_step + 1
+
     def log_train(self, step: int, metrics: dict[str, float]) -> None:
         """Record one optimizer step's metrics; emits every ``log_every`` steps (see module docstring)."""
         if not self.enabled or self._finished:
@@ -453,8 +457,7 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.update(max(0, min(step, self.total_steps) - self._bar.n))
             self._bar.set_postfix_str(_postfix_str(step, values), refresh=False)
-        emit = step % self.log_every == 0 or step >= self.total_steps or step == self.start_step + 1
-        if not emit:
+        if not self.emits(step):
             return
         reduced = _reduce_window(self._window)
         self._window = []

@@ -21,9 +21,11 @@ from omegaconf import OmegaConf
 from mtp_pretrain import parallel
 from mtp_pretrain.checkpoint import Checkpointer, CheckpointError
 from mtp_pretrain.config import Config
-from mtp_pretrain.data.corpus import Corpus, prepare_corpus
-from mtp_pretrain.data.stream import PackedBatchStream
-from mtp_pretrain.data.tokenizer import load_tokenizer, tokenizer_hash
+from mtp_pretrain.data.corpus import prepare_corpus
+from mtp_pretrain.data.loader import BatchLoader
+from mtp_pretrain.data.shards import check_shard_tokenizer
+from mtp_pretrain.data.stream import ERROR_KINDS, Dataset, PackedBatchStream, target_mask
+from mtp_pretrain.data.tokenizer import eos_id, load_tokenizer, pad_id, tokenizer_hash
 from mtp_pretrain.engine.megatron import Batch, MegatronEngine
 from mtp_pretrain.flops import peak_flops, train_flops_per_token
 from mtp_pretrain.loss import STAT_CORRECT, STAT_COUNT, STAT_LOSS_SUM
@@ -68,8 +70,9 @@ class Trainer:
         t = cfg.trainer
         self.layout = parallel.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=t.seed, vpp=cfg.parallel.vpp)
         self.run_dir = Path(t.run_dir)
-        self.corpus = self._prepare_corpus()
-        self.vocab_size = load_tokenizer(self.corpus.tokenizer_path).get_vocab_size()
+        self.tokenizer_path, self.train_sets, self.val_sets = self._datasets()
+        tok = load_tokenizer(self.tokenizer_path)
+        self.vocab_size, self.eos, self.pad = tok.get_vocab_size(), eos_id(tok), pad_id(tok)
         torch.manual_seed(t.seed)  # torch's own streams (dropout); weights come from init_parameters(seed)
         self.tconfig = transformer_config(
             cfg.model, cfg.mtp, cfg.parallel.tp, cfg.parallel.pp, bf16=t.bf16, recompute=t.recompute,
@@ -83,9 +86,11 @@ class Trainer:
         )
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.sample_len = cfg.model.seq_len + cfg.mtp.n
-        self.train_data = PackedBatchStream(
-            self.corpus.train_urls, self.corpus.tokenizer_path, t.micro_batch_size, self.sample_len,
-            seed=t.seed, dp_rank=self.dp_rank, dp_size=self.layout.dp,
+        d = cfg.data
+        self.train_data = BatchLoader(
+            self.train_sets, self.tokenizer_path, t.micro_batch_size, self.sample_len, seed=t.seed,
+            dp_rank=self.dp_rank, dp_size=self.layout.dp, num_workers=d.num_workers, on_error=d.on_error,
+            text_field=d.text_field,
         )  # fmt: skip
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep_last=t.keep_last)
         self.step = 0
@@ -102,24 +107,33 @@ class Trainer:
         )
 
     # -- set-up ---------------------------------------------------------------------------------------
-    def _prepare_corpus(self) -> Corpus:
+    def _datasets(self) -> tuple[Path, list[Dataset], list[Dataset]]:
+        """(tokenizer, training mix, validation set): pre-built shards, or the corpus built from sources."""
         d = self.cfg.data
+        if d.datasets:
+            train = [Dataset.of(x.urls, x.weight, x.name) for x in d.datasets]
+            val = [Dataset.of(d.val_urls, name="val")] if d.val_urls else []
+            for ds in train + val:
+                check_shard_tokenizer(ds.urls, d.tokenizer)  # type: ignore[arg-type]
+            return Path(d.tokenizer), train, val  # type: ignore[arg-type]
 
-        def build() -> Corpus:
+        def build():  # noqa: ANN202
             return prepare_corpus(d.source, d.cache_dir, d.vocab_size, d.val_shards, d.docs_per_shard)
 
         # rank 0 builds the cache once; the others then only read it
         if parallel.rank() == 0:
             corpus = build()
         torch.distributed.barrier()
-        return corpus if parallel.rank() == 0 else build()
+        if parallel.rank() != 0:
+            corpus = build()
+        return corpus.tokenizer_path, [Dataset.of(corpus.train_urls, name="train")], [Dataset.of(corpus.val_urls, name="val")]
 
     def _common_state(self) -> dict:
         return {
             "trainer": {"step": self.step, "consumed_tokens": self.consumed_tokens},
             "engine": self.engine.state_dict(),
             "config": OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
-            "tokenizer_hash": tokenizer_hash(self.corpus.tokenizer_path),
+            "tokenizer_hash": tokenizer_hash(self.tokenizer_path),
             "versions": _versions(),
         }
 
@@ -131,7 +145,7 @@ class Trainer:
         if ckpt is None:
             return
         sharded, common, per_rank = self.checkpointer.load(ckpt, self.engine.sharded_state_dict(is_loading=True))
-        if common["tokenizer_hash"] != tokenizer_hash(self.corpus.tokenizer_path):
+        if common["tokenizer_hash"] != tokenizer_hash(self.tokenizer_path):
             raise CheckpointError(f"{ckpt} was trained with another tokenizer; point data.* at the same corpus")
         self.engine.load_sharded_state_dict(sharded)
         self.engine.load_state_dict(common["engine"])
@@ -154,20 +168,39 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------
     def _micro_batches(self, stream: Iterator[torch.Tensor], count: int) -> Iterator[Batch]:
         for tokens in itertools.islice(stream, count):
-            yield tokens, torch.ones_like(tokens, dtype=torch.bool)
+            yield (tokens, *target_mask(tokens, self.eos, self.pad, self.cfg.data.mask_doc_boundaries))
 
     def validate(self) -> dict[str, float]:
+        """Per-head loss/accuracy over ``trainer.val_batches`` batches per DP rank of the validation shards.
+
+        Read from the start each time, without shuffling; a rank whose share of the validation shards ends
+        early runs fully padded batches (they count nothing), so every rank runs the same collectives.
+        """
         t = self.cfg.trainer
-        n_val = len(self.corpus.val_urls)
         val = PackedBatchStream(
-            self.corpus.val_urls, self.corpus.tokenizer_path, t.micro_batch_size, self.sample_len,
-            seed=0, dp_rank=self.dp_rank % n_val, dp_size=min(self.layout.dp, n_val),
-            shuffle_shards=False,
+            self.val_sets, self.tokenizer_path, t.micro_batch_size, self.sample_len, seed=0,
+            reader=self.dp_rank, num_readers=self.layout.dp, shuffle_shards=False, loop=False,
+            on_error=self.cfg.data.on_error, text_field=self.cfg.data.text_field,
         )  # fmt: skip
-        loss, stats = self.engine.eval_step(
-            self._micro_batches(val, t.val_batches), t.val_batches, self.cfg.model.seq_len, t.micro_batch_size
-        )
-        return head_metrics(stats, loss) if stats is not None else {}
+        padding = itertools.repeat(torch.full((t.micro_batch_size, self.sample_len), self.pad, dtype=torch.long))
+        _, stats = self.engine.eval_step(
+            self._micro_batches(itertools.chain(val, padding), t.val_batches),
+            t.val_batches, self.cfg.model.seq_len, t.micro_batch_size,
+        )  # fmt: skip
+        if stats is None:
+            return {}
+        m = head_metrics(stats, 0.0)
+        weights = self.cfg.mtp.loss_weights or [1.0] * self.cfg.mtp.n
+        m["loss"] = sum(w * m[f"loss/head{i}"] for i, w in enumerate(weights, start=1))
+        return m
+
+    def _data_errors(self) -> dict[str, float]:
+        """Shards/samples skipped so far, summed over the data-parallel ranks (a collective: call on all)."""
+        counts = torch.tensor([self.train_data.errors[k] for k in ERROR_KINDS], dtype=torch.float64)
+        group = parallel_state.get_data_parallel_group()
+        if torch.distributed.get_world_size(group) > 1:
+            torch.distributed.all_reduce(counts, group=group)
+        return {f"data/{k}": float(v) for k, v in zip(ERROR_KINDS, counts.tolist(), strict=True)}
 
     def fit(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.trainer
@@ -183,6 +216,7 @@ class Trainer:
             elapsed = time.perf_counter() - start
             self.step += 1
             self.consumed_tokens += tokens_per_step
+            m: dict[str, float] = {}
             if result.head_stats is not None:
                 m = head_metrics(result.head_stats, result.loss)
                 losses.append(result.loss)
@@ -195,12 +229,16 @@ class Trainer:
                     mfu=tps * flops_per_token / peak,
                     mem_gb=_memory_gb(),
                 )
+            if self.metrics.emits(self.step):  # all ranks: the data error counts are all-reduced
+                m.update(self._data_errors())
+            if result.head_stats is not None:
                 self.metrics.log_train(self.step, m)
             if t.val_every and (self.step % t.val_every == 0 or self.step == t.steps):
                 val = self.validate()
                 self.metrics.log_val(self.step, val)
             if (t.save_every and self.step % t.save_every == 0) or self.step == t.steps:
                 ckpt = self.save()
+        self.train_data.close()  # stop the reader workers; a later fit() restarts them where they were
         paths = self.metrics.finish()
         return TrainResult(self.step, losses, head_losses, val, self.run_dir, ckpt, paths)
 

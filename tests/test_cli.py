@@ -1,5 +1,6 @@
 """Command-line entry points: set-up errors end with one line and exit status 2; the data tools work."""
 
+import json
 import os
 import subprocess
 import sys
@@ -76,7 +77,15 @@ def test_make_shards_writes_shards(py_tree, tmp_path, capsys):
     texts = {tarfile.open(s).extractfile(m).read().decode() for s in shards for m in tarfile.open(s).getnames()
              if m.endswith(".txt")}  # fmt: skip
     assert texts == {p.read_text() for p in py_tree.glob("*.py")}
-    assert f"wrote 3 shard(s) to {out}" in capsys.readouterr().out
+    assert f"wrote 3 shard(s), 5 documents to {out}" in capsys.readouterr().out
+    # pre-tokenized, with a target shard size (100 bytes of payload: one document per shard) + the manifest
+    tok = tmp_path / "tokenizer.json"
+    train_tokenizer([str(py_tree), "--out", str(tok), "--vocab-size", "300"])
+    make_shards([str(py_tree), "--out", str(tmp_path / "tok"), "--tokenizer", str(tok), "--shard-size-mb", "0.0001",
+                 "--workers", "2"])  # fmt: skip
+    manifest = json.loads((tmp_path / "tok" / "manifest.json").read_text())
+    assert manifest["content"] == "tokens" and manifest["num_samples"] == 5 and len(manifest["shards"]) == 5
+    assert manifest["num_tokens"] > 0 and f"{manifest['num_tokens']} tokens" in capsys.readouterr().out
 
 
 def test_train_tokenizer_writes_a_loadable_tokenizer(py_tree, tmp_path):

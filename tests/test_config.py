@@ -55,6 +55,12 @@ def test_overrides_reach_the_dataclass():
         (["trainer.micro_batch_size=0"], "trainer.micro_batch_size"),
         (["trainer.keep_last=0"], "trainer.keep_last"),
         (["data.docs_per_shard=0"], "data.docs_per_shard"),
+        (["data.on_error=ignore"], "data.on_error"),
+        (["data.num_workers=-1"], "data.num_workers"),
+        (["data.datasets=[{urls: [a.tar]}]"], "data.tokenizer"),
+        (["data.datasets=[{urls: [a.tar]}]", "data.tokenizer=t.json"], "data.val_urls"),
+        (["data.datasets=[{urls: [a.tar], weight: 0}]", "data.tokenizer=t.json"], "data.datasets[0].weight"),
+        (["data.datasets=[{urls: []}]", "data.tokenizer=t.json"], "data.datasets[0].urls"),
     ],
 )
 def test_bad_values_fail_naming_the_key(defaults, overrides, key):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mtp_pretrain.config import ModelConfig, MTPConfig
+from mtp_pretrain.data.stream import target_mask
 from mtp_pretrain.model.mtp_model import build_model, transformer_config
 
 VOCAB = 256
@@ -96,3 +97,28 @@ def test_loss_weights_scale_each_head(dist_world, tiny_model_cfg):
     loss, stats = eff(tokens, valid)
     means = stats[:, 0] / stats[:, 2]
     torch.testing.assert_close(loss.detach(), 1.0 * means[0] + 1.5 * means[1])
+
+
+def test_document_boundary_mask_drops_cross_document_targets(dist_world, tiny_model_cfg):
+    """segments: head i's target at t counts iff it is in the input token's document; both loss paths agree."""
+    n = 3
+    naive, eff = _models(tiny_model_cfg, n, 0)
+    tokens, valid = _batch(tiny_model_cfg, n, padded=True)
+    eos = tokens[0, 5].item()
+    tokens[:, [5, 11, 12]] = eos  # documents end at 5, 11 and 12 (a one-token document)
+    _, segments = target_mask(tokens, eos, pad=-1, mask_doc_boundaries=True)
+    loss_n, stats_n = naive(tokens, valid, segments)
+    loss_e, stats_e = eff(tokens, valid, segments)
+    loss_n.backward()
+    loss_e.backward()
+    torch.testing.assert_close(loss_e, loss_n, rtol=1e-6, atol=1e-6)
+    T = tiny_model_cfg.seq_len
+    for i in range(n):  # expected counts, position by position
+        same_doc = [
+            [bool(valid[b, t + i + 1]) and int(segments[b, t]) == int(segments[b, t + i + 1]) for t in range(T)]
+            for b in range(tokens.shape[0])
+        ]
+        assert stats_e[i, 2].item() == stats_n[i, 2].item() == sum(map(sum, same_doc))
+    assert stats_e[n - 1, 2] < valid[:, n:].sum()  # the mask removed targets
+    for (name, p), q in zip(eff.named_parameters(), naive.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")

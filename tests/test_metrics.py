@@ -288,3 +288,19 @@ def test_metrics_module_is_model_agnostic() -> None:
     # metrics.py must not import megatron or know about the model
     src = Path(M.__file__).read_text()
     assert "import megatron" not in src and "mtp_pretrain.model" not in src
+
+
+def test_window_keeps_last_lr_and_data_counters_max_memory_and_means_the_rest() -> None:
+    window = [
+        {"loss": 2.0, "lr": 1.0, "mem_gb": 3.0, "data/shards_skipped": 1.0},
+        {"loss": 4.0, "lr": 0.5, "mem_gb": 2.0, "data/shards_skipped": 3.0},
+    ]
+    assert M._reduce_window(window) == {"loss": 3.0, "lr": 0.5, "mem_gb": 3.0, "data/shards_skipped": 3.0}
+
+
+def test_emits_is_the_same_rule_on_every_rank(tmp_path: Path) -> None:
+    cfg = MetricsConfig(wandb_mode="disabled", log_every=5, plot=False)
+    on = MetricsLogger(cfg, tmp_path / "a", total_steps=12, start_step=2, enabled=True, n_heads=1)
+    off = MetricsLogger(cfg, tmp_path / "b", total_steps=12, start_step=2, enabled=False, n_heads=1)
+    steps = [s for s in range(3, 13) if on.emits(s)]
+    assert steps == [3, 5, 10, 12] and steps == [s for s in range(3, 13) if off.emits(s)]

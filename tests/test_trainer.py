@@ -2,15 +2,45 @@
 
 import shutil
 
+import pytest
 import torch
 
+from mtp_pretrain.data.shards import iter_source_documents, write_shards
+from mtp_pretrain.data.tokenizer import train_tokenizer
 from mtp_pretrain.trainer import Trainer
 from tests.conftest import compose_config, tiny_run_overrides
 
 
-def test_train_resume_continues_identical_curve(dist_world, synthetic_source, tmp_path):
+def _prebuilt_mix(source, root) -> dict[str, str]:
+    """Two pre-built datasets (text shards and pre-tokenized shards) mixed 3:1, + validation shards."""
+    docs = list(iter_source_documents([source]))
+    train_tokenizer([d["text"] for d in docs], 300, root / "tokenizer.json")
+    write_shards(docs[:25], root / "a", max_docs_per_shard=5)
+    write_shards(docs[25:35], root / "b", max_docs_per_shard=3, tokenizer_path=root / "tokenizer.json")
+    write_shards(docs[35:], root / "val", max_docs_per_shard=3)
+    return {
+        "data.datasets": f"[{{urls:['{root / 'a'}'],weight:3,name:code}},{{urls:['{root / 'b'}/shard-{{000000..000003}}.tar'],weight:1,name:tok}}]",
+        "data.tokenizer": str(root / "tokenizer.json"),
+        "data.val_urls": f"['{root / 'val'}']",
+        "data.num_workers": 2,
+        "data.mask_doc_boundaries": "true",
+    }
+
+
+@pytest.mark.parametrize("data", ["corpus", "prebuilt-mix"])
+def test_train_resume_continues_identical_curve(dist_world, synthetic_source, tmp_path, data):
     cache = tmp_path / "cache"
-    full = Trainer(compose_config(*tiny_run_overrides(synthetic_source, cache, tmp_path / "full"))).fit()
+    extra = _prebuilt_mix(synthetic_source, tmp_path / "shards") if data == "prebuilt-mix" else {}
+
+    def config(run_dir):
+        return compose_config(*tiny_run_overrides(synthetic_source, cache, run_dir, **extra))
+
+    full = Trainer(config(tmp_path / "full")).fit()
+    if data == "prebuilt-mix":  # both datasets were read, by both workers, about 3:1
+        readers = torch.load(full.checkpoint / "rank_00000.pt", weights_only=True)["data"]["readers"]
+        assert len(readers) == 2
+        counts = [sum(r["samples_per_dataset"][j] for r in readers.values()) for j in (0, 1)]
+        assert counts[0] > counts[1] > 0
     assert full.step == 6 and len(full.losses) == 6
     assert full.losses[-1] < full.losses[0]  # it learns
     assert set(full.val) >= {"loss", "loss/head1", "loss/head2", "acc/head1", "acc/head2"}
@@ -21,7 +51,7 @@ def test_train_resume_continues_identical_curve(dist_world, synthetic_source, tm
     part.mkdir(parents=True)
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step_00000003", part / "step_00000003")
     (part / "latest").write_text("step_00000003")
-    resumed = Trainer(compose_config(*tiny_run_overrides(synthetic_source, cache, tmp_path / "part"))).fit()
+    resumed = Trainer(config(tmp_path / "part")).fit()
     assert resumed.step == 6 and len(resumed.losses) == 3
     assert resumed.losses == full.losses[3:]  # bit-identical continuation
     assert resumed.head_losses == full.head_losses[3:]

@@ -1,25 +1,32 @@
-"""Documents from source trees / text / JSONL files, written as webdataset tar shards.
+"""Documents from source trees / text / JSONL files, written as webdataset tar shards + a manifest.
 
 A document is ``{"key": str, "text": str, "meta": {"source": str}}``. In a shard each document is the
-two members ``<key>.txt`` (UTF-8 text) and ``<key>.json`` (the meta dict), readable by a plain
-``webdataset.WebDataset(url)``.
+two members ``<key>.txt`` (UTF-8 text) and ``<key>.json`` (the meta dict), or, pre-tokenized,
+``<key>.tokens.npy`` + ``<key>.json``; both are readable by a plain ``webdataset.WebDataset(url)``.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
 import logging
+import multiprocessing
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import webdataset as wds
+from tqdm import tqdm
+
+from mtp_pretrain.data.stream import TOKENS_MEMBER, local_path
+from mtp_pretrain.data.tokenizer import load_tokenizer, tokenizer_hash
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +171,79 @@ def _iter_all(
         log.warning("source documents skipped: %s", skipped)
 
 
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+_ENCODE_CHUNK = 64  # documents per task sent to an encoding worker
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every id of a ``vocab_size`` vocabulary."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+_worker_tokenizer: Any = None
+
+
+def _init_encoder(tokenizer_path: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = load_tokenizer(tokenizer_path)
+
+
+def _encode_chunk(texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in _worker_tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def _chunks(docs: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    for doc in docs:
+        chunk.append(doc)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _encoded(
+    docs: Iterable[dict[str, Any]], tokenizer_path: str | Path | None, workers: int
+) -> Iterator[tuple[dict[str, Any], list[int] | None]]:
+    """``(doc, token ids or None)`` in input order; ``workers`` processes encode chunks of documents."""
+    if tokenizer_path is None:
+        yield from ((d, None) for d in docs)
+        return
+    if workers <= 1:
+        _init_encoder(str(tokenizer_path))
+        for chunk in _chunks(docs, _ENCODE_CHUNK):
+            yield from zip(chunk, _encode_chunk([d["text"] for d in chunk]), strict=True)
+        return
+    # map() over a bounded window of chunks keeps memory flat and the input order (identical shards for
+    # any number of workers)
+    window = workers * 8
+    with multiprocessing.get_context("fork").Pool(workers, _init_encoder, (str(tokenizer_path),)) as pool:
+        chunks = _chunks(docs, _ENCODE_CHUNK)
+        while batch := list(itertools.islice(chunks, window)):
+            for chunk, ids in zip(batch, pool.map(_encode_chunk, [[d["text"] for d in c] for c in batch]), strict=True):
+                yield from zip(chunk, ids, strict=True)
+
+
 def write_shards(
-    docs: Iterator[dict[str, Any]] | Sequence[dict[str, Any]],
+    docs: Iterable[dict[str, Any]],
     out_dir: str | Path,
     prefix: str = "shard",
     max_docs_per_shard: int = 1000,
     max_bytes_per_shard: int = 64 * 2**20,
+    tokenizer_path: str | Path | None = None,
+    workers: int = 1,
+    progress: bool = False,
 ) -> list[Path]:
-    """Write ``docs`` to ``out_dir/{prefix}-000000.tar``, ``...-000001.tar``, ...; return the paths, sorted.
+    """Write ``docs`` to ``out_dir/{prefix}-000000.tar``, ``...-000001.tar``, ... + ``manifest.json``;
+    return the shard paths, sorted.
+
+    Without ``tokenizer_path`` a document is ``<key>.txt`` + ``<key>.json`` (its meta dict); with it, the
+    text is encoded (by ``workers`` processes) and stored as ``<key>.tokens.npy`` (uint16, or uint32 for
+    vocabularies above 65536) + ``<key>.json``. Both are readable by a plain ``webdataset.WebDataset``.
+    The manifest lists every shard with its sample, token (pre-tokenized only) and byte counts, and the
+    tokenizer hash.
 
     A new shard starts when the current one has ``max_docs_per_shard`` documents or at least
     ``max_bytes_per_shard`` bytes (so a shard may exceed the byte limit by one document). Shards are
@@ -183,30 +255,45 @@ def write_shards(
         raise ValueError("max_docs_per_shard and max_bytes_per_shard must be >= 1")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", prefix):
         raise ValueError(f"shard prefix must match [A-Za-z0-9_-]+, got {prefix!r}")
+    dtype = None
+    if tokenizer_path is not None:
+        dtype = token_dtype(load_tokenizer(tokenizer_path).get_vocab_size())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{prefix}.tmp-"))
+    counts: dict[str, dict[str, int]] = {}
+    bar = tqdm(desc="documents", unit=" docs", disable=None if progress else True, mininterval=1.0)  # None: TTY only
     try:
-        n = 0
         pattern = str(tmp / f"{prefix}-%06d.tar")
         # mtime fixed => byte-identical shards for identical input
         with wds.ShardWriter(
             pattern, maxcount=max_docs_per_shard, maxsize=max_bytes_per_shard, verbose=0, mtime=0
         ) as sink:
-            for doc in docs:
+            for doc, ids in _encoded(docs, tokenizer_path, workers):
                 key = doc["key"]
                 if not re.fullmatch(r"[A-Za-z0-9_-]+", key):
                     raise ValueError(
                         f"document key {key!r} is not tar-safe (allowed: letters, digits, _ and -)"
                     )
-                sink.write({"__key__": key, "txt": doc["text"], "json": doc.get("meta", {})})
-                n += 1
-        if n == 0:
+                sample: dict[str, Any] = {"__key__": key, "json": doc.get("meta", {})}
+                if ids is None:
+                    sample["txt"] = doc["text"]
+                else:
+                    sample[TOKENS_MEMBER] = np.asarray(ids, dtype=dtype)
+                sink.write(sample)
+                c = counts.setdefault(Path(sink.fname).name, {"samples": 0, "tokens": 0})
+                c["samples"] += 1
+                c["tokens"] += len(ids) if ids is not None else 0
+                bar.update(1)
+        if not counts:
             raise ValueError(f"no documents to write to {out}")
         written = sorted(tmp.glob(f"{prefix}-*.tar"))
         for f in written:
+            counts[f.name]["bytes"] = f.stat().st_size
             os.replace(f, out / f.name)
+        _write_manifest(out, counts, tokenizer_path)
     finally:
+        bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
     final = [out / f.name for f in written]
     keep = {f.name for f in final}
@@ -214,3 +301,44 @@ def write_shards(
         if re.fullmatch(SHARD_RE.format(prefix=re.escape(prefix)), old.name) and old.name not in keep:
             old.unlink()
     return final
+
+
+def _write_manifest(out: Path, counts: dict[str, dict[str, int]], tokenizer_path: str | Path | None) -> None:
+    tokenized = tokenizer_path is not None
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "content": "tokens" if tokenized else "text",
+        "tokenizer_hash": tokenizer_hash(tokenizer_path) if tokenized else None,
+        "num_samples": sum(c["samples"] for c in counts.values()),
+        "num_tokens": sum(c["tokens"] for c in counts.values()) if tokenized else None,
+        "shards": [
+            {"name": name, **c, **({} if tokenized else {"tokens": None})} for name, c in sorted(counts.items())
+        ],
+    }
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".manifest.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(manifest, fh, indent=1)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out / MANIFEST)
+
+
+def check_shard_tokenizer(urls: Sequence[str], tokenizer_path: str | Path) -> None:
+    """Refuse pre-tokenized shards whose manifest names another tokenizer than ``tokenizer_path``."""
+    want = tokenizer_hash(tokenizer_path)
+    seen: set[Path] = set()
+    for url in urls:
+        lp = local_path(url)
+        if lp is None or Path(lp).parent in seen:
+            continue
+        seen.add(Path(lp).parent)
+        try:
+            manifest = json.loads((Path(lp).parent / MANIFEST).read_text())
+        except (OSError, ValueError):
+            continue  # shards from another tool: nothing to check
+        got = manifest.get("tokenizer_hash") if isinstance(manifest, dict) else None
+        if manifest.get("content") == "tokens" and got and got != want:
+            raise ValueError(
+                f"shards in {Path(lp).parent} were tokenized with tokenizer {got}, but data.tokenizer "
+                f"{tokenizer_path} is {want}: point data.tokenizer at the tokenizer.json used by "
+                f"mtp-make-shards, or re-make the shards"
+            )

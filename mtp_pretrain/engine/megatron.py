@@ -28,7 +28,8 @@ from torch import Tensor
 from mtp_pretrain import compat
 from mtp_pretrain.config import OptimConfig
 
-Batch = tuple[Tensor, Tensor]  # tokens [B, T+n], target validity [B, T+n]
+# tokens [B, T+n], target validity [B, T+n] (+ optional document numbers [B, T+n]): MTPModel.forward's inputs
+Batch = tuple[Tensor, ...]
 
 
 @dataclass
@@ -110,9 +111,9 @@ class MegatronEngine:
         return self.chunks[0]
 
     def _forward_step(self, data_iterator: Iterator[Batch], model: torch.nn.Module) -> tuple[Any, Callable]:
-        tokens, valid = next(data_iterator)
+        batch = next(data_iterator)
         dev = compat.device()  # loaders yield CPU tensors; on GPUs the model's weights live on the device
-        output = model(tokens.to(dev, non_blocking=True), valid.to(dev, non_blocking=True))
+        output = model(*(t.to(dev, non_blocking=True) for t in batch))
 
         def loss_func(out: tuple[Tensor, Tensor]) -> tuple[Tensor, dict]:
             loss, stats = out

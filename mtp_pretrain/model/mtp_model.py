@@ -170,8 +170,11 @@ class MTPModel(LanguageModule):
         x = self.embedding(input_ids=input_ids, position_ids=None) if self.pre_process else None
         return self.decoder(hidden_states=x, attention_mask=None, rotary_pos_emb=rotary), rotary
 
-    def forward(self, tokens: Tensor, target_valid: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-        """tokens [B, T+n]: inputs are the first T, head i's targets are shifted by i.
+    def forward(
+        self, tokens: Tensor, target_valid: Tensor | None = None, segments: Tensor | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """tokens [B, T+n]: inputs are the first T, head i's targets are shifted by i. ``target_valid`` masks
+        padding; ``segments`` (document numbers) masks targets in another document than their input token.
 
         Returns this stage's activations, or on the last stage (loss, per-head stats [n, 3]).
         """
@@ -185,7 +188,7 @@ class MTPModel(LanguageModule):
             self.heads,
             self.unembed,
             self.unembedding_weight(),
-            HeadTargets(tokens, valid),
+            HeadTargets(tokens, valid, segments),
             rotary,
             self.loss_weights,
             chunk_size=self.chunk_size,

@@ -69,7 +69,7 @@ def test_build_then_reuse(
     with pytest.raises(ValueError, match="4 shard.*val_shards=4"):
         prepare_corpus([src], tmp_path / "cache", vocab_size=300, val_shards=4, max_docs_per_shard=8)
 
-    batch = next(PackedBatchStream(c.train_urls, c.tokenizer_path, batch_size=2, seq_len=9))
+    batch = next(PackedBatchStream(c.train_urls, c.tokenizer_path, batch_size=2, sample_len=9))
     assert batch.shape == (2, 9)
 
 
@@ -131,6 +131,6 @@ def test_stdlib_corpus(tmp_path: Path) -> None:
         for part in src.split("/")
     )
     batch = next(
-        PackedBatchStream(c.train_urls, c.tokenizer_path, batch_size=2, seq_len=65, dp_size=2, dp_rank=1)
+        PackedBatchStream(c.train_urls, c.tokenizer_path, batch_size=2, sample_len=65, num_readers=2, reader=1)
     )
     assert batch.shape == (2, 65) and int(batch.max()) < 512

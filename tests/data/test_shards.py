@@ -1,19 +1,17 @@
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import re
-import tarfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import webdataset as wds
 
-from mtp_pretrain.data.shards import iter_source_documents, write_shards
-from mtp_pretrain.data.stream import PackedBatchStream
-from mtp_pretrain.data.tokenizer import load_tokenizer, train_tokenizer
+from mtp_pretrain.data.shards import check_shard_tokenizer, iter_source_documents, token_dtype, write_shards
+from mtp_pretrain.data.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
 
 KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -45,8 +43,13 @@ def test_write_and_read_back_with_plain_webdataset(tmp_path: Path) -> None:
     paths = write_shards(iter(docs), tmp_path / "out", max_docs_per_shard=10)
     assert [p.name for p in paths] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     assert read_all(paths) == docs
-    # nothing but the shards is left (the temp dir is gone)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [p.name for p in paths]
+    # nothing but the shards and their manifest is left (the temp dir is gone)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json"] + [p.name for p in paths]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["content"] == "text" and manifest["num_samples"] == 25 and manifest["tokenizer_hash"] is None
+    assert [(s["name"], s["samples"], s["bytes"]) for s in manifest["shards"]] == [
+        (p.name, n, p.stat().st_size) for p, n in zip(paths, [10, 10, 5], strict=True)
+    ]
 
 
 def test_write_shards_splits_by_bytes(tmp_path: Path) -> None:
@@ -63,6 +66,7 @@ def test_write_shards_deterministic_and_replaces_stale(tmp_path: Path) -> None:
     b = write_shards(make_docs(15), tmp_path, max_docs_per_shard=10)
     assert [p.name for p in b] == ["shard-000000.tar", "shard-000001.tar"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "manifest.json",
         "shard-000000.tar",
         "shard-000001.tar",
         "unrelated.tar",
@@ -84,6 +88,37 @@ def test_write_shards_errors_leave_nothing(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="crash"):
         write_shards(boom(), tmp_path, max_docs_per_shard=10)
     assert list(tmp_path.iterdir()) == []  # no half-written shard under a final name
+
+
+def test_pretokenized_shards_manifest_and_parallel_encoding(tmp_path: Path) -> None:
+    docs = make_docs(150)
+    tok_path = tmp_path / "tokenizer.json"
+    train_tokenizer([d["text"] for d in docs], 300, tok_path)
+    one = write_shards(docs, tmp_path / "w1", max_docs_per_shard=40, tokenizer_path=tok_path, workers=1)
+    two = write_shards(iter(docs), tmp_path / "w2", max_docs_per_shard=40, tokenizer_path=tok_path, workers=2)
+    assert [p.read_bytes() for p in one] == [p.read_bytes() for p in two]  # worker count changes nothing
+    tok = load_tokenizer(tok_path)
+    ids = [tok.encode(d["text"], add_special_tokens=False).ids for d in docs]
+    samples = [s for p in one for s in wds.WebDataset(str(p), shardshuffle=False).decode()]
+    assert [s["__key__"] for s in samples] == [d["key"] for d in docs]
+    assert [s["tokens.npy"].tolist() for s in samples] == ids
+    assert all(s["tokens.npy"].dtype == np.uint16 and s["json"] == d["meta"] for s, d in zip(samples, docs, strict=True))
+    manifest = json.loads((tmp_path / "w1" / "manifest.json").read_text())
+    assert manifest["content"] == "tokens" and manifest["tokenizer_hash"] == tokenizer_hash(tok_path)
+    assert manifest["num_samples"] == 150 and manifest["num_tokens"] == sum(map(len, ids))
+    assert [s["samples"] for s in manifest["shards"]] == [40, 40, 40, 30]
+    assert [s["tokens"] for s in manifest["shards"]] == [sum(map(len, ids[i : i + 40])) for i in range(0, 150, 40)]
+    assert token_dtype(300) == np.uint16 and token_dtype(2**16) == np.uint16 and token_dtype(2**16 + 1) == np.uint32
+
+
+def test_pretokenized_shards_refuse_another_tokenizer(tmp_path: Path) -> None:
+    docs = make_docs(20)
+    train_tokenizer([d["text"] for d in docs], 300, tmp_path / "a.json")
+    train_tokenizer([d["text"] for d in docs] + ["zzzz qqqq"] * 9, 300, tmp_path / "b.json")
+    urls = [str(p) for p in write_shards(docs, tmp_path / "s", tokenizer_path=tmp_path / "a.json")]
+    check_shard_tokenizer(urls, tmp_path / "a.json")
+    with pytest.raises(ValueError, match="tokenized with tokenizer .* data.tokenizer"):
+        check_shard_tokenizer(urls, tmp_path / "b.json")
 
 
 # ---------------------------------------------------------------- iter_source_documents
@@ -181,31 +216,3 @@ def test_source_to_shards_round_trip(tmp_path: Path) -> None:
     paths = write_shards(iter_source_documents([tmp_path / "src"]), tmp_path / "shards", max_docs_per_shard=3)
     assert len(paths) == 2
     assert read_all(paths) == docs
-
-
-# ---------------------------------------------------------------- third-party shards
-
-
-def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tf.addfile(info, io.BytesIO(data))
-
-
-def test_third_party_tar_readable_by_stream(tmp_path: Path) -> None:
-    texts = ["alpha = 1\nprint(alpha)\n", "beta = 'β'\n"]
-    tok_path = tmp_path / "tokenizer.json"
-    train_tokenizer(texts * 5, 300, tok_path)
-    shard = tmp_path / "third.tar"
-    with tarfile.open(shard, "w") as tf:
-        _add(tf, "a.txt", texts[0].encode())
-        _add(tf, "b.json", json.dumps({"text": texts[1], "lang": "py"}).encode())
-        _add(tf, "c.jpg", b"\x89 not a document")  # non-text sample: ignored
-    tok = load_tokenizer(tok_path)
-    expected: list[int] = []
-    for t in texts:
-        expected += tok.encode(t, add_special_tokens=False).ids + [0]
-    stream = PackedBatchStream([str(shard)], tok_path, batch_size=1, seq_len=4, loop=False)
-    got = [t for b in stream for t in b.flatten().tolist()]
-    assert len(got) == len(expected) // 4 * 4 > 0
-    assert got == expected[: len(got)]

@@ -1,12 +1,9 @@
 """tools/bench_loss_memory.py measures what the memory-efficient loss is for: one run, its printed table."""
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.tools.conftest import run_tool
+
 ROW = re.compile(r"^\s*(\d+)\s+(naive|efficient|chunked\(\d+\))\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$")
 
 
@@ -15,13 +12,7 @@ def test_naive_mtp_peaks_far_above_efficient_and_chunked():
     # the whole run stays near 20 s on 2 cores. Only n=4 is measured (so the table's reference is n=4).
     args = ["--vocab", "8192", "--seq", "128", "--batch", "2", "--hidden", "64", "--heads", "4",
             "--trunk-layers", "1", "--chunk", "32", "--n", "4", "--repeat", "1"]  # fmt: skip
-    # a world of its own: not the torch.distributed env (MASTER_PORT ...) this pytest process may have set
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                           "MASTER_PORT")}  # fmt: skip
-    run = subprocess.run(
-        [sys.executable, "tools/bench_loss_memory.py", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+    run = run_tool("bench_loss_memory.py", *args)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = {
         (int(m[1]), m[2].split("(")[0]): float(m[3]) for m in map(ROW.match, run.stdout.splitlines()) if m
