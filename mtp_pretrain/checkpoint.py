@@ -16,13 +16,16 @@ the previous checkpoint loadable, and a directory without valid metadata is neve
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mtp_pretrain.faults import crash_point, die_with_parent
 from mtp_pretrain.parallel import barrier, rank, world_size
 
 FORMAT_VERSION = 1
@@ -72,6 +75,22 @@ def verify(ckpt: Path) -> dict:
     return meta
 
 
+_manager: SyncManager | None = None
+
+
+def _results_queue_dies_with_us() -> None:
+    """megatron's torch_dist writer reports through a queue served by a multiprocessing Manager that it
+    spawns on the first save and never stops; when the trainer is SIGKILLed (OOM killer, preemption) that
+    server lives on, holding the job's stdout/stderr. Start the server ourselves, tied to our life."""
+    global _manager
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        _manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        _manager.start(initializer=die_with_parent)
+        filesystem_async._results_queue = _manager.Queue()
+
+
 class Checkpointer:
     """Saves and finds checkpoints under `root`, keeping the newest `keep_last`."""
 
@@ -93,11 +112,13 @@ class Checkpointer:
                     stale.unlink(missing_ok=True)
             tmp.mkdir()
         barrier()
+        _results_queue_dies_with_us()
         dist_checkpointing.save(sharded, str(tmp))
         torch.save(per_rank, tmp / f"rank_{rank():05d}.pt")
         if rank() == 0:
             torch.save(common, tmp / "trainer.pt")
         barrier()  # every rank's files are on disk
+        crash_point("save_written")
         if rank() == 0:
             meta = {
                 "format_version": FORMAT_VERSION,
@@ -109,6 +130,7 @@ class Checkpointer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            crash_point("save_renamed")
             _atomic_write_text(self.root / _LATEST, final.name)
             self._retain()
         barrier()
@@ -139,11 +161,25 @@ class Checkpointer:
         return None
 
     @staticmethod
+    def checked(ckpt: Path) -> Path:
+        """``ckpt`` if it is a complete checkpoint (see :func:`verify`), else CheckpointError."""
+        if not ckpt.is_dir():
+            raise CheckpointError(f"checkpoint {ckpt} does not exist (give a step_XXXXXXXX directory)")
+        verify(ckpt)
+        return ckpt
+
+    @staticmethod
+    def read_common(ckpt: Path) -> dict:
+        """The state shared by all ranks (trainer.pt) of a verified checkpoint; tensors and plain data only."""
+        verify(Checkpointer.checked(ckpt))
+        return torch.load(ckpt / "trainer.pt", weights_only=True)
+
+    @staticmethod
     def load(ckpt: Path, sharded_template: dict) -> tuple[dict, dict, dict | None]:
         """(sharded state, common state, this rank's state or None if the world size changed)."""
         from megatron.core import dist_checkpointing
 
-        meta = verify(ckpt)
+        meta = verify(Checkpointer.checked(ckpt))
         state = dist_checkpointing.load(sharded_template, str(ckpt))
         common = torch.load(ckpt / "trainer.pt", weights_only=True)
         rank_file = ckpt / f"rank_{rank():05d}.pt"

@@ -35,6 +35,9 @@ def _quiet_libraries() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
+EXIT_NONFINITE = 3  # training diverged; distinct from set-up errors (2) and a requeue request (75)
+
+
 def _fail(message: str) -> None:
     print(f"mtp-train: error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -49,13 +52,21 @@ def _train_app(raw: DictConfig) -> None:
         _fail(str(e))
     from mtp_pretrain import parallel
     from mtp_pretrain.checkpoint import CheckpointError
-    from mtp_pretrain.trainer import Trainer
+    from mtp_pretrain.preemption import EXIT_PREEMPTED
+    from mtp_pretrain.trainer import NonFiniteLossError, Trainer
 
     try:
         trainer = Trainer(cfg)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except NonFiniteLossError as e:
+        print(f"mtp-train: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_NONFINITE)
+    if result.stopped is not None:
+        parallel.destroy_distributed()
+        sys.exit(EXIT_PREEMPTED)  # saved: the launcher requeues and the run resumes
     if parallel.is_logging_rank():
         print(f"done: {result.step} steps in {result.run_dir}")
         print(f"  checkpoint: {result.checkpoint}")

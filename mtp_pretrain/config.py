@@ -109,6 +109,11 @@ class TrainerConfig:
     keep_last: int = 2
     run_dir: str = "outputs/${model.preset}-n${mtp.n}"
     resume: str = "auto"  # auto | none | a checkpoint directory
+    # A checkpoint whose model weights start this run (step 0, new optimizer), e.g. an n=4 model finetuned
+    # with n=1: the trunk must match; heads 1..min(n, n_ckpt) are taken, extra heads start fresh.
+    init_from: str | None = None
+    nonfinite: str = "skip"  # NaN/inf loss: skip (drop the update, count it) or abort (exit, no save)
+    stop_file: str = "STOP"  # <run_dir>/STOP appearing = save and exit like SIGTERM/SIGUSR1; "" disables
 
 
 @dataclass
@@ -187,6 +192,7 @@ def validate(cfg: Config) -> None:
     ]:
         _require(value >= 1, f"{key}={value} must be >= 1")
     _require(t.val_batches >= 1 or t.val_every == 0, "trainer.val_batches must be >= 1 when validating")
+    _require(t.nonfinite in ("skip", "abort"), f"trainer.nonfinite={t.nonfinite!r}: use skip or abort")
     _require(t.keep_last >= 1, f"trainer.keep_last={t.keep_last} must be >= 1 (the latest is always kept)")
     _require(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"optim.lr={o.lr} / optim.min_lr={o.min_lr}: need 0 <= min_lr <= lr, lr > 0")
     _require(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
@@ -260,6 +266,44 @@ def _validate_data(d: DataConfig, t: TrainerConfig) -> None:
     _require(d.val_shards >= 1, "data.val_shards must be >= 1 (validation needs held-out shards)")
     _require(d.vocab_size >= 256 + 2, "data.vocab_size must be >= 258 (byte alphabet + EOS + PAD)")
     _require(d.docs_per_shard >= 1, f"data.docs_per_shard={d.docs_per_shard} must be >= 1")
+
+
+# What a checkpoint's tensors depend on: a run that differs in one of these cannot load its weights.
+_SHAPE_KEYS = (
+    "model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.num_query_groups",
+    "model.ffn_hidden_size", "model.tie_embeddings", "mtp.n",
+)  # fmt: skip
+
+
+def _get(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    if key == "model.ffn_hidden_size":
+        return ffn_hidden_size(cfg.model)
+    return getattr(getattr(cfg, section), name)
+
+
+def shape_mismatches(saved: Config, cfg: Config, keys: tuple[str, ...] = _SHAPE_KEYS) -> list[str]:
+    """``key: checkpoint X, this run Y`` for every weight-shape setting that differs."""
+    return [f"{k}: checkpoint {_get(saved, k)}, this run {_get(cfg, k)}" for k in keys if _get(saved, k) != _get(cfg, k)]
+
+
+def finetune_mismatches(saved: Config, cfg: Config) -> list[str]:
+    """As :func:`shape_mismatches` for starting a run from a checkpoint with another ``mtp.n``: the trunk
+    (``model.num_layers - mtp.n`` blocks) and widths must match, the number of heads may differ."""
+    keys = tuple(k for k in _SHAPE_KEYS if k not in ("model.num_layers", "mtp.n"))
+    out = shape_mismatches(saved, cfg, keys)
+    old, new = saved.model.num_layers - saved.mtp.n, cfg.model.num_layers - cfg.mtp.n
+    if old != new:
+        out.append(
+            f"trunk blocks (model.num_layers - mtp.n): checkpoint {old}, this run {new}; "
+            f"set model.num_layers={old + cfg.mtp.n}"
+        )
+    return out
+
+
+def from_yaml(text: str) -> Config:
+    """A Config saved with ``OmegaConf.to_yaml`` (a checkpoint's), read back without re-validating it."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text)))  # type: ignore[return-value]
 
 
 def to_config(raw: Any) -> Config:

@@ -66,9 +66,21 @@ def _vocab_parallel_argmax(logits: Tensor) -> Tensor:
     return candidate
 
 
-def _chunk_ce(logits: Tensor, target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+def mask_vocab_padding(logits: Tensor, vocab_limit: int | None) -> Tensor:
+    """Vocab-parallel logits [..., V/tp] with the columns of padding ids (>= vocab_limit) at -inf: the padded
+    vocabulary (a multiple of 128 x TP) then changes nothing, so any TP layout computes the same loss."""
+    width = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * width
+    if vocab_limit is None or start + width <= vocab_limit:
+        return logits
+    ids = torch.arange(start, start + width, device=logits.device)
+    return logits.masked_fill(ids >= vocab_limit, float("-inf"))
+
+
+def _chunk_ce(logits: Tensor, target: Tensor, valid: Tensor, vocab_limit: int | None = None) -> tuple[Tensor, Tensor]:
     """Summed CE over valid positions (differentiable) and the number of correct top-1 predictions."""
-    logits = logits.float()  # CE in fp32 under bf16 training, as megatron does (fp16_lm_cross_entropy=False)
+    # CE in fp32 under bf16 training, as megatron does (fp16_lm_cross_entropy=False)
+    logits = mask_vocab_padding(logits.float(), vocab_limit)
     correct = ((_vocab_parallel_argmax(logits.detach()) == target) & valid).sum()
     # vocab_parallel_cross_entropy overwrites its input in place; the logits are not needed afterwards.
     ce = vocab_parallel_cross_entropy(logits, torch.where(valid, target, 0))
@@ -108,6 +120,7 @@ def mtp_loss(
     weights: Sequence[float],
     chunk_size: int = 0,
     memory_efficient: bool = True,
+    vocab_limit: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Loss = sum_i w_i * mean CE of head i over its valid targets, and [n, 3] per-head stats.
 
@@ -135,13 +148,13 @@ def mtp_loss(
         correct = torch.zeros((), dtype=torch.long, device=h.device)
         for sl in _chunks(seq_len, chunk_size):
             if w_grad is None:
-                ce_sum, c = _chunk_ce(unembed(y_det[sl]), tgt[sl], valid[sl])
+                ce_sum, c = _chunk_ce(unembed(y_det[sl]), tgt[sl], valid[sl], vocab_limit)
             else:
                 y_c = y_det[sl]
                 with torch.no_grad():
                     logits = F.linear(y_c, unembed_weight)
                 logits.requires_grad_()
-                ce_sum, c = _chunk_ce(logits, tgt[sl], valid[sl])
+                ce_sum, c = _chunk_ce(logits, tgt[sl], valid[sl], vocab_limit)
                 (g_logits,) = torch.autograd.grad(ce_sum * scales[i], logits)
                 with torch.no_grad():  # with a graph, dy would keep every chunk's g_logits alive
                     g2 = g_logits.flatten(0, 1)
@@ -172,7 +185,7 @@ def mtp_loss(
         rows, terms = [], []
         for i in range(n):
             tgt, valid = per_head[i]
-            ce_sum, c = _chunk_ce(unembed(heads.forward_head(i, h, rotary_pos_emb)), tgt, valid)
+            ce_sum, c = _chunk_ce(unembed(heads.forward_head(i, h, rotary_pos_emb)), tgt, valid, vocab_limit)
             terms.append(ce_sum * scales[i])
             rows.append((ce_sum.detach().float(), c))
         return sum(terms), stats_of(rows)

@@ -65,6 +65,12 @@ def init_distributed(
                 backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
             )
     layout = Layout(world_size=dist.get_world_size(), tp=tp, pp=pp)
+    if parallel_state.model_parallel_is_initialized() and (
+        parallel_state.get_tensor_model_parallel_world_size() != tp
+        or parallel_state.get_pipeline_model_parallel_world_size() != pp
+        or (parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1) != (vpp or 1)
+    ):  # another layout in the same process (tests, tools): rebuild the groups
+        parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,

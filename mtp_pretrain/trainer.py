@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import itertools
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,17 +21,19 @@ from omegaconf import OmegaConf
 
 from mtp_pretrain import parallel
 from mtp_pretrain.checkpoint import Checkpointer, CheckpointError
-from mtp_pretrain.config import Config
+from mtp_pretrain.config import Config, finetune_mismatches, from_yaml, shape_mismatches
 from mtp_pretrain.data.corpus import prepare_corpus
 from mtp_pretrain.data.loader import BatchLoader
 from mtp_pretrain.data.shards import check_shard_tokenizer
 from mtp_pretrain.data.stream import ERROR_KINDS, Dataset, PackedBatchStream, target_mask
 from mtp_pretrain.data.tokenizer import eos_id, load_tokenizer, pad_id, tokenizer_hash
 from mtp_pretrain.engine.megatron import Batch, MegatronEngine
+from mtp_pretrain.faults import crash_point
 from mtp_pretrain.flops import peak_flops, train_flops_per_token
 from mtp_pretrain.loss import STAT_CORRECT, STAT_COUNT, STAT_LOSS_SUM
 from mtp_pretrain.metrics import MetricsLogger
-from mtp_pretrain.model.mtp_model import build_pipeline_chunks, padded_vocab_size, transformer_config
+from mtp_pretrain.model.mtp_model import build_pipeline_chunks, transformer_config
+from mtp_pretrain.preemption import StopRequest
 from mtp_pretrain.rng import get_rng_state, set_rng_state
 
 
@@ -43,6 +46,12 @@ class TrainResult:
     run_dir: Path
     checkpoint: Path | None
     paths: dict[str, str]
+    stopped: str | None = None  # why the run stopped early (signal / stop file), after saving; None = done
+    nonfinite_steps: int = 0  # steps whose update was dropped because some loss was NaN/inf
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged (NaN/inf loss) under trainer.nonfinite=abort, or for too many steps in a row."""
 
 
 def head_metrics(stats: torch.Tensor, loss: float) -> dict[str, float]:
@@ -55,6 +64,12 @@ def head_metrics(stats: torch.Tensor, loss: float) -> dict[str, float]:
         out[f"loss/head{i}"] = float(lsum / c)
         out[f"acc/head{i}"] = float(correct / c)
     return out
+
+
+def _is_head_beyond(key: str, n: int) -> bool:
+    """Whether a model state key belongs to head number >= n (0-based): absent from an n-head checkpoint."""
+    match = re.match(r"(?:.*\.)?heads\.layers\.(\d+)\.", key)
+    return match is not None and int(match[1]) >= n
 
 
 def _versions() -> dict[str, str]:
@@ -79,7 +94,7 @@ class Trainer:
             stage_layers=(cfg.parallel.first_stage_layers, cfg.parallel.last_stage_layers), vpp=cfg.parallel.vpp,
         )  # fmt: skip
         chunks = build_pipeline_chunks(
-            cfg.model, cfg.mtp, padded_vocab_size(self.vocab_size, cfg.parallel.tp), self.tconfig, seed=t.seed
+            cfg.model, cfg.mtp, self.vocab_size, self.tconfig, seed=t.seed
         )
         self.engine = MegatronEngine(
             chunks, self.tconfig, cfg.optim, t.steps, bf16=t.bf16, overlap_grad_reduce=cfg.parallel.overlap_grad_reduce
@@ -138,36 +153,91 @@ class Trainer:
         }
 
     def _resume(self) -> None:
-        mode = self.cfg.trainer.resume
-        if mode == "none":
-            return
-        ckpt = self.checkpointer.latest() if mode == "auto" else Path(mode)
-        if ckpt is None:
-            return
-        sharded, common, per_rank = self.checkpointer.load(ckpt, self.engine.sharded_state_dict(is_loading=True))
+        """Continue this run from its newest valid checkpoint (or ``trainer.resume=PATH``); else, with
+        ``trainer.init_from``, start from another run's weights."""
+        t = self.cfg.trainer
+        ckpt = None
+        if t.resume == "auto":
+            ckpt = self.checkpointer.latest()
+        elif t.resume != "none":
+            ckpt = Path(t.resume)
+        if ckpt is not None:
+            self._load(ckpt)
+        elif t.init_from:
+            self._init_from(Path(t.init_from))
+
+    def _read_compatible(self, ckpt: Path, finetune: bool) -> dict:
+        common = self.checkpointer.read_common(ckpt)
         if common["tokenizer_hash"] != tokenizer_hash(self.tokenizer_path):
             raise CheckpointError(f"{ckpt} was trained with another tokenizer; point data.* at the same corpus")
+        saved = from_yaml(common["config"])
+        bad = finetune_mismatches(saved, self.cfg) if finetune else shape_mismatches(saved, self.cfg)
+        if bad:
+            hint = (
+                "" if finetune else
+                "; to start a run with another mtp.n from these weights use trainer.init_from=<checkpoint> "
+                "in a new run_dir" if saved.mtp.n != self.cfg.mtp.n else ""
+            )  # fmt: skip
+            raise CheckpointError(f"{ckpt} does not fit this model: {'; '.join(bad)}{hint}")
+        return common
+
+    def _load(self, ckpt: Path) -> None:
+        common = self._read_compatible(ckpt, finetune=False)
+        sharded, _, per_rank = self.checkpointer.load(ckpt, self.engine.sharded_state_dict(is_loading=True))
         self.engine.load_sharded_state_dict(sharded)
         self.engine.load_state_dict(common["engine"])
         self.step = common["trainer"]["step"]
         self.consumed_tokens = common["trainer"]["consumed_tokens"]
+        data = common["data"]
+        same_readers = data["dp_size"] == self.layout.dp and max(data["num_workers"], 1) == self.train_data.readers_per_rank
+        if same_readers:
+            self.train_data.load_state_dict(data["loaders"][self.dp_rank])
+        else:
+            self.train_data.load_resharded(data["loaders"])
         if per_rank is not None:
             set_rng_state(per_rank["rng"])
-            self.train_data.load_state_dict(per_rank["data"])
         if parallel.rank() == 0:
             print(f"resumed from {ckpt} at step {self.step}")
+            if per_rank is None:
+                print("  world size changed: RNG streams restart from the seed (they only drive dropout)")
+            if not same_readers:
+                print(
+                    f"  data readers changed (DP {data['dp_size']} x workers {data['num_workers']} -> DP "
+                    f"{self.layout.dp} x workers {self.cfg.data.num_workers}): the unread rest of the current "
+                    f"epoch is dealt out to the new readers; no document repeated or skipped, order changes"
+                )
+
+    def _init_from(self, ckpt: Path) -> None:
+        """Model weights only (trunk + the first min(n, n_ckpt) heads); step 0, fresh optimizer and data."""
+        ckpt = self.checkpointer.checked(ckpt)
+        common = self._read_compatible(ckpt, finetune=True)
+        n_old = from_yaml(common["config"]).mtp.n
+        self.engine.load_model_weights(ckpt, keep=lambda key: not _is_head_beyond(key, n_old))
+        if parallel.rank() == 0:
+            print(f"initialised from {ckpt}: trunk + heads 1..{min(n_old, self.cfg.mtp.n)} of its {n_old}")
 
     def save(self) -> Path:
-        return self.checkpointer.save(
+        # every DP rank's loader position, on every rank: a run with another DP size can re-deal them
+        mine = (self.dp_rank, self.train_data.state_dict())
+        every: list = [None] * parallel.world_size()
+        torch.distributed.all_gather_object(every, mine)
+        data = {
+            "dp_size": self.layout.dp,
+            "num_workers": self.cfg.data.num_workers,
+            "loaders": dict(every),
+        }
+        ckpt = self.checkpointer.save(
             self.step,
             self.engine.sharded_state_dict(),
-            common=self._common_state(),
-            per_rank={"rng": get_rng_state(), "data": self.train_data.state_dict()},
+            common={**self._common_state(), "data": data},
+            per_rank={"rng": get_rng_state()},
         )
+        return ckpt
 
     # -- the loop -------------------------------------------------------------------------------------
     def _micro_batches(self, stream: Iterator[torch.Tensor], count: int) -> Iterator[Batch]:
         for tokens in itertools.islice(stream, count):
+            crash_point("micro_batch")
             yield (tokens, *target_mask(tokens, self.eos, self.pad, self.cfg.data.mask_doc_boundaries))
 
     def validate(self) -> dict[str, float]:
@@ -203,11 +273,22 @@ class Trainer:
         return {f"data/{k}": float(v) for k, v in zip(ERROR_KINDS, counts.tolist(), strict=True)}
 
     def fit(self) -> TrainResult:
+        """Train to trainer.steps (or until asked to stop), validating and saving on the way."""
+        t = self.cfg.trainer
+        stop = StopRequest(self.run_dir / t.stop_file if t.stop_file else None)
+        try:
+            return self._loop(stop)
+        finally:
+            stop.close()
+            self.train_data.close()  # stop the reader workers; a later fit() restarts them where they were
+
+    def _loop(self, stop: StopRequest) -> TrainResult:
         cfg, t = self.cfg, self.cfg.trainer
         tokens_per_step = t.micro_batch_size * cfg.model.seq_len * t.grad_accum * self.layout.dp
         flops_per_token = train_flops_per_token(cfg.model, cfg.mtp.n, self.vocab_size)
         peak = peak_flops(torch.bfloat16 if t.bf16 else torch.float32) * self.layout.world_size
         losses, head_losses, val, ckpt = [], [], {}, None
+        nonfinite, in_a_row = 0, 0
         while self.step < t.steps:
             start = time.perf_counter()
             result = self.engine.train_step(
@@ -216,9 +297,14 @@ class Trainer:
             elapsed = time.perf_counter() - start
             self.step += 1
             self.consumed_tokens += tokens_per_step
-            m: dict[str, float] = {}
+            if result.nonfinite:
+                nonfinite, in_a_row = nonfinite + 1, in_a_row + 1
+                self._on_nonfinite(result.loss, in_a_row)
+            else:
+                in_a_row = 0
+            m: dict[str, float] = {"nonfinite_steps": nonfinite}
             if result.head_stats is not None:
-                m = head_metrics(result.head_stats, result.loss)
+                m.update(head_metrics(result.head_stats, result.loss))
                 losses.append(result.loss)
                 head_losses.append([m[f"loss/head{i + 1}"] for i in range(cfg.mtp.n)])
                 tps = tokens_per_step / elapsed
@@ -236,11 +322,34 @@ class Trainer:
             if t.val_every and (self.step % t.val_every == 0 or self.step == t.steps):
                 val = self.validate()
                 self.metrics.log_val(self.step, val)
+            crash_point("step")
+            if stop.should_stop():  # every rank, every step: one tiny all-reduce
+                ckpt = self.save()
+                stop.acknowledge()
+                if parallel.rank() == 0:
+                    print(f"stopping at step {self.step} ({stop.reason}): saved {ckpt}; resume continues from it")
+                break
             if (t.save_every and self.step % t.save_every == 0) or self.step == t.steps:
                 ckpt = self.save()
-        self.train_data.close()  # stop the reader workers; a later fit() restarts them where they were
         paths = self.metrics.finish()
-        return TrainResult(self.step, losses, head_losses, val, self.run_dir, ckpt, paths)
+        return TrainResult(
+            self.step, losses, head_losses, val, self.run_dir, ckpt, paths, stop.reason, nonfinite_steps=nonfinite
+        )
+
+    def _on_nonfinite(self, loss: float, in_a_row: int) -> None:
+        """The engine dropped this step's update; abort (nothing saved) if the policy or a streak says so."""
+        policy = self.cfg.trainer.nonfinite
+        if policy == "abort" or in_a_row >= MAX_NONFINITE_IN_A_ROW:
+            why = "trainer.nonfinite=abort" if policy == "abort" else f"{in_a_row} steps in a row"
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss}) at step {self.step} ({why}); nothing was saved after it. Resume from "
+                f"the last checkpoint with a lower optim.lr or more optim.warmup_steps"
+            )
+        if parallel.is_logging_rank():
+            print(f"step {self.step}: non-finite loss ({loss}): update dropped (trainer.nonfinite=skip)")
+
+
+MAX_NONFINITE_IN_A_ROW = 20  # under trainer.nonfinite=skip: more means the run diverged, not a bad batch
 
 
 def _memory_gb() -> float:

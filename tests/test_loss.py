@@ -122,3 +122,25 @@ def test_document_boundary_mask_drops_cross_document_targets(dist_world, tiny_mo
     assert stats_e[n - 1, 2] < valid[:, n:].sum()  # the mask removed targets
     for (name, p), q in zip(eff.named_parameters(), naive.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_padding_ids_of_the_padded_vocabulary_get_no_probability(dist_world, tiny_model_cfg):
+    """vocab 200 is padded to 256 (a multiple of 128 x TP): the loss is CE over the 200 real ids only."""
+    mtp = MTPConfig(n=2)
+    model = build_model(tiny_model_cfg, mtp, 200, transformer_config(tiny_model_cfg, mtp))
+    assert model.vocab_size == 256 and model.output_layer.weight.shape[0] == 256
+    tokens, valid = _batch(tiny_model_cfg, 2, padded=False)
+    tokens = tokens % 200
+    loss, stats = model(tokens, valid)
+    logits = model.head_logits(tokens[:, : tiny_model_cfg.seq_len])
+    assert all(torch.isinf(lg[..., 200:]).all() for lg in logits)  # what generation sees, too
+    with torch.no_grad():
+        h, rotary = model.trunk(tokens[:, : tiny_model_cfg.seq_len], tiny_model_cfg.seq_len)
+        want = 0.0
+        for i in range(2):
+            full = model.unembed(model.heads.forward_head(i, h, rotary))[..., :200]  # [T, B, 200]
+            target = tokens[:, i + 1 : i + 1 + tiny_model_cfg.seq_len].t()
+            want += torch.nn.functional.cross_entropy(full.flatten(0, 1), target.flatten())
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    loss.backward()
+    assert model.output_layer.weight.grad[200:].abs().max() == 0  # padding rows learn nothing

@@ -16,6 +16,8 @@ internals and pins torch versions; this is the few lines we need.)
 from __future__ import annotations
 
 import os
+import signal
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mtp_pretrain.data.stream import ERROR_KINDS, Dataset, PackedBatchStream
+from mtp_pretrain.data.stream import ERROR_KINDS, Dataset, PackedBatchStream, reshard_states
+from mtp_pretrain.faults import die_with_parent
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,16 @@ def _as_is(item: Any) -> Any:
     return item
 
 
+def _init_worker(_worker_id: int) -> None:
+    # A preemption signal sent to the whole process group must reach the trainer only: a worker that died
+    # of it would take the training process down before it can save (the trainer stops the workers itself).
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    # ... but when the trainer itself is killed (SIGKILL, OOM killer), its workers must not outlive it: an
+    # orphaned worker blocks forever flushing its prefetch queue.
+    die_with_parent()
+
+
 class BatchLoader:
     """Infinite iterator of ``[batch_size, sample_len]`` token batches for DP rank ``dp_rank``."""
 
@@ -99,6 +112,7 @@ class BatchLoader:
         self._next_reader = 0
         self._it: Iterator | None = None
         self._loader: DataLoader | None = None
+        self._shutdown: weakref.finalize | None = None
         self.spec.stream(0)  # fail early (shard counts, missing files, tokenizer) in this process
 
     @property
@@ -117,12 +131,17 @@ class BatchLoader:
             batch_size=None,  # the streams batch themselves
             # as is: the default converter walks the reader state's token buffer element by element (3-5x slower)
             collate_fn=_as_is,
+            worker_init_fn=_init_worker,
             num_workers=self.num_workers,
             persistent_workers=False,
             prefetch_factor=4,
             pin_memory=torch.cuda.is_available(),
         )
-        return iter(self._loader)
+        it = iter(self._loader)
+        # Workers ignore SIGTERM (see _init_worker), so multiprocessing's exit hook, which terminates and joins
+        # them, would wait forever: shut them down first (finalize's exit hook runs before it), or on close().
+        self._shutdown = weakref.finalize(self, it._shutdown_workers)
+        return it
 
     def __iter__(self) -> BatchLoader:
         return self
@@ -136,8 +155,10 @@ class BatchLoader:
         return batch
 
     def close(self) -> None:
-        """Stop the workers (they also stop when the loader is garbage-collected)."""
-        self._it, self._loader = None, None
+        """Stop the workers (also done when the loader is garbage-collected and at interpreter exit)."""
+        if self._shutdown is not None:
+            self._shutdown()
+        self._it, self._loader, self._shutdown = None, None, None
 
     @property
     def errors(self) -> dict[str, int]:
@@ -170,3 +191,19 @@ class BatchLoader:
         self.close()
         self._states = {int(k): v for k, v in state["readers"].items()}
         self._next_reader = int(state["next_reader"])
+
+    def load_resharded(self, loaders: dict[int, dict[str, Any]]) -> None:
+        """Continue from the loader states of *all* DP ranks of a run with another DP size or worker count
+        (``loaders[dp_rank]``), by :func:`~mtp_pretrain.data.stream.reshard_states`' rule: no document is
+        repeated or skipped, the order changes."""
+        any_state = next(iter(loaders.values()))
+        old_dp, old_w = int(any_state["dp_size"]), max(int(any_state["num_workers"]), 1)
+        if sorted(loaders) != list(range(old_dp)):
+            raise ValueError(f"cannot re-shard the data position: states of DP ranks {sorted(loaders)}, need 0..{old_dp - 1}")
+        old = [loaders[d]["readers"].get(str(w)) for d in range(old_dp) for w in range(old_w)]
+        w = self.readers_per_rank
+        spec = self.spec
+        new = reshard_states(old, self.dp_size * w, spec.datasets, spec.seed)
+        self.close()
+        self._states = {local: new[self.dp_rank * w + local] for local in range(w)}
+        self._next_reader = 0

@@ -102,6 +102,20 @@ class Dataset:
         return cls(tuple(expanded), float(weight), name)
 
 
+def epoch_order(urls: Sequence[str], seed: int, dataset: int, epoch: int, shuffle: bool = True) -> list[str]:
+    """The shard order of ``epoch`` of dataset number ``dataset``: the same on every reader."""
+    order = list(urls)
+    if shuffle:
+        random.Random(f"{seed}/{dataset}/{epoch}").shuffle(order)
+    return order
+
+
+def new_cursor() -> dict[str, Any]:
+    """A reader's position in one dataset: epoch, shard index in its epoch list, samples consumed in that
+    shard, packing buffer, and (after a re-sharded resume) explicit shard lists for some epochs."""
+    return {"epoch": 0, "shard_pos": 0, "sample_offset": 0, "buffer": [], "plan": {}}
+
+
 def _check_tar_trailer(url: str) -> None:
     """Detect a truncated local ``.tar``: python's tarfile silently stops at a cut that falls on a member
     header, so check the POSIX end-of-archive marker (two zero blocks) and the 512-byte block size."""
@@ -198,9 +212,7 @@ class PackedBatchStream:
         total = sum(d.weight for d in self.datasets)
         self.weights = [d.weight / total for d in self.datasets]
         # resumable position, per dataset
-        self.cursors = [
-            {"epoch": 0, "shard_pos": 0, "sample_offset": 0, "buffer": []} for _ in self.datasets
-        ]
+        self.cursors = [new_cursor() for _ in self.datasets]
         self.samples_per_dataset = [0] * len(self.datasets)
         self.batches_yielded = 0
         self.errors = dict.fromkeys(ERROR_KINDS, 0)
@@ -210,10 +222,16 @@ class PackedBatchStream:
     # -- shard assignment -----------------------------------------------------------------------------
     def epoch_shards(self, epoch: int, dataset: int = 0) -> list[str]:
         """The shards this reader reads in ``epoch`` of ``dataset``, in order."""
-        order = list(self.datasets[dataset].urls)
-        if self.shuffle_shards:
-            random.Random(f"{self.seed}/{dataset}/{epoch}").shuffle(order)
-        return order[self.reader :: self.num_readers]
+        return [url for url, _ in self._epoch_items(epoch, dataset)]
+
+    def _epoch_items(self, epoch: int, dataset: int) -> list[tuple[str, int]]:
+        """``(shard, first sample)`` this reader reads in ``epoch``: its deal of the epoch's shuffled shards,
+        or the plan a re-sharded resume gave it for that epoch (see :func:`reshard_states`)."""
+        plan = self.cursors[dataset].get("plan", {}).get(str(epoch))
+        if plan is not None:
+            return [(url, int(start)) for url, start in plan]
+        order = epoch_order(self.datasets[dataset].urls, self.seed, dataset, epoch, self.shuffle_shards)
+        return [(url, 0) for url in order[self.reader :: self.num_readers]]
 
     # -- decoding -------------------------------------------------------------------------------------
     def _sample_tokens(self, sample: dict[str, Any]) -> list[int]:
@@ -254,10 +272,12 @@ class PackedBatchStream:
         cur = self.cursors[j]
         while True:
             docs_this_pass = 0
-            full_epoch = cur["shard_pos"] == 0 and cur["sample_offset"] == 0
-            shards = self.epoch_shards(cur["epoch"], j)
-            while cur["shard_pos"] < len(shards):
-                url = shards[cur["shard_pos"]]
+            planned = str(cur["epoch"]) in cur.get("plan", {})
+            full_epoch = cur["shard_pos"] == 0 and cur["sample_offset"] == 0 and not planned
+            items = self._epoch_items(cur["epoch"], j)
+            while cur["shard_pos"] < len(items):
+                url, start = items[cur["shard_pos"]]
+                cur["sample_offset"] = max(cur["sample_offset"], start)
                 try:
                     for idx, sample in _iter_samples(url, skip=cur["sample_offset"]):
                         if sample is None:
@@ -281,9 +301,10 @@ class PackedBatchStream:
             if full_epoch and docs_this_pass == 0:  # never spin forever on document-less shards
                 raise ShardReadError(
                     f"reader {self.reader}/{self.num_readers}: the shards of epoch {cur['epoch']} of dataset "
-                    f"{self.datasets[j].name!r} contain no readable document ({len(shards)} shards: "
-                    f"{shards[:3]}...; skipped so far: {self.errors})"
+                    f"{self.datasets[j].name!r} contain no readable document ({len(items)} shards: "
+                    f"{[u for u, _ in items[:3]]}...; skipped so far: {self.errors})"
                 )
+            cur.get("plan", {}).pop(str(cur["epoch"]), None)
             cur["epoch"] += 1
             cur["shard_pos"] = 0
 
@@ -334,7 +355,10 @@ class PackedBatchStream:
     def state_dict(self) -> dict[str, Any]:
         """Position after the last batch returned by ``next``; plain ints, strings and lists only."""
         return {
-            "cursors": [{**c, "buffer": list(c["buffer"])} for c in self.cursors],
+            "cursors": [
+                {**c, "buffer": list(c["buffer"]), "plan": {e: [list(i) for i in p] for e, p in c.get("plan", {}).items()}}
+                for c in self.cursors
+            ],
             "samples_per_dataset": list(self.samples_per_dataset),
             "batches_yielded": self.batches_yielded,
             "errors": dict(self.errors),
@@ -361,6 +385,7 @@ class PackedBatchStream:
                 "shard_pos": int(c["shard_pos"]),
                 "sample_offset": int(c["sample_offset"]),
                 "buffer": [int(t) for t in c["buffer"]],
+                "plan": {str(e): [[str(u), int(k)] for u, k in p] for e, p in c.get("plan", {}).items()},
             }
             for c in state["cursors"]
         ]
@@ -383,3 +408,60 @@ def target_mask(tokens: torch.Tensor, eos: int, pad: int, mask_doc_boundaries: b
         return valid, torch.zeros_like(tokens, dtype=torch.int32)
     is_eos = (tokens == eos).to(torch.int32)
     return valid, (torch.cumsum(is_eos, dim=1, dtype=torch.int32) - is_eos)
+
+
+def reshard_states(
+    old: Sequence[dict[str, Any] | None],
+    new_readers: int,
+    datasets: Sequence[Dataset],
+    seed: int,
+    shuffle_shards: bool = True,
+) -> list[dict[str, Any]]:
+    """Reader states for ``new_readers`` readers that continue where ``old`` readers (indexed by reader
+    number; None = never handed out a batch) stopped, when data-parallel size or worker count changed.
+
+    The rule, per dataset: let ``e0``/``e1`` be the lowest/highest epoch any old reader is in. For every
+    epoch ``e0 <= e <= e1`` the work nobody has read yet (the rest of each old reader's current shard from its
+    sample offset, its unread shards, and the whole share of readers that had not reached ``e``) is listed
+    in old-reader order and dealt ``items[r::new_readers]``; later epochs are dealt as usual. The old packing
+    buffers (tokens read but not yet trained on) go to new reader ``r % new_readers``, in front. So no
+    document is repeated or skipped; only the position in the document order changes. Mixing counts restart.
+    """
+    num_old = len(old)
+    states: list[dict[str, Any]] = [
+        {"cursors": [new_cursor() for _ in datasets], "samples_per_dataset": [0] * len(datasets),
+         "batches_yielded": 0, "errors": dict.fromkeys(ERROR_KINDS, 0), "seed": seed, "reader": r,
+         "num_readers": new_readers, "num_shards": [len(d.urls) for d in datasets]}
+        for r in range(new_readers)
+    ]  # fmt: skip
+    for k in ERROR_KINDS:
+        states[0]["errors"][k] = sum(int(st["errors"].get(k, 0)) for st in old if st)
+    for j, ds in enumerate(datasets):
+        cursors = [st["cursors"][j] if st else new_cursor() for st in old]
+
+        def items_of(r: int, epoch: int) -> list[list]:
+            plan = cursors[r].get("plan", {}).get(str(epoch))  # noqa: B023 (used within this iteration)
+            if plan is not None:
+                return [[u, int(k)] for u, k in plan]
+            order = epoch_order(ds.urls, seed, j, epoch, shuffle_shards)  # noqa: B023
+            return [[u, 0] for u in order[r::num_old]]
+
+        first, last = min(c["epoch"] for c in cursors), max(c["epoch"] for c in cursors)
+        for epoch in range(first, last + 1):
+            todo: list[list] = []
+            for r, c in enumerate(cursors):
+                if c["epoch"] > epoch:
+                    continue
+                mine = items_of(r, epoch)
+                if c["epoch"] == epoch:
+                    mine = mine[c["shard_pos"] :]
+                    if mine:
+                        mine[0] = [mine[0][0], max(mine[0][1], int(c["sample_offset"]))]
+                todo += mine
+            for r in range(new_readers):
+                states[r]["cursors"][j]["plan"][str(epoch)] = todo[r::new_readers]
+        for r in range(new_readers):
+            states[r]["cursors"][j]["epoch"] = first
+        for r, c in enumerate(cursors):
+            states[r % new_readers]["cursors"][j]["buffer"] += [int(t) for t in c["buffer"]]
+    return states

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,7 +39,8 @@ class StepResult:
     head_stats: Tensor | None  # [n, 3] summed (loss_sum, correct, count) over the step; last stage only
     grad_norm: float
     lr: float
-    skipped: bool
+    skipped: bool  # no update was applied (non-finite loss, or the optimizer refused the step)
+    nonfinite: bool = False  # the loss of some rank was NaN/inf: the update was dropped on every rank
 
 
 class MegatronEngine:
@@ -142,10 +144,14 @@ class MegatronEngine:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run(batches, num_microbatches, seq_len, micro_batch, forward_only=False)
+        loss, stats = _reduce_outputs(outputs)
+        if _any_rank(not all(torch.isfinite(o["loss"]).item() for o in outputs)):
+            # never apply an update computed from NaN/inf; the scheduler does not advance (as megatron's
+            # skipped iterations); the gradients are cleared by the next step's zero_grad
+            return StepResult(loss, stats, float("nan"), self.optimizer.param_groups[0]["lr"], True, nonfinite=True)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
-        loss, stats = _reduce_outputs(outputs)
         return StepResult(
             loss=loss,
             head_stats=stats,
@@ -167,8 +173,7 @@ class MegatronEngine:
         Chunks go under model0, model1, ... (megatron's convention); tensors are keyed by their global
         names, so a checkpoint loads under any TP x PP x VPP x DP layout.
         """
-        models = {f"model{i}" if len(self.chunks) > 1 else "model": c.module.sharded_state_dict()
-                  for i, c in enumerate(self.chunks)}  # fmt: skip
+        models = self._model_sharded_state_dicts()
         if is_loading:
             _set_adam_steps(self.optimizer, present=True)
         optim_sd = self.optimizer.sharded_state_dict(  # finds each parameter's ShardedTensor in the nesting
@@ -180,12 +185,34 @@ class MegatronEngine:
             _set_adam_steps(self.optimizer, present=False)
         return {**models, "optimizer": optim_sd}
 
+    def _model_sharded_state_dicts(self) -> dict[str, dict]:
+        return {self._chunk_key(i): c.module.sharded_state_dict() for i, c in enumerate(self.chunks)}
+
+    def _chunk_key(self, i: int) -> str:
+        return f"model{i}" if len(self.chunks) > 1 else "model"
+
     def load_sharded_state_dict(self, state: dict) -> None:
         for i, c in enumerate(self.chunks):
-            c.module.load_state_dict(state[f"model{i}" if len(self.chunks) > 1 else "model"])
+            c.module.load_state_dict(state[self._chunk_key(i)])
         with _tolerate_missing_step(self.optimizer):
             self.optimizer.load_state_dict(state["optimizer"])
         _unshare_adam_steps(self.optimizer)
+
+    def load_model_weights(self, ckpt: Path, keep: Callable[[str], bool]) -> None:
+        """Only the model weights whose state key passes ``keep`` from checkpoint ``ckpt`` (any layout); the
+        others keep their initialisation. The optimizer's own copies are refreshed from the model."""
+        from megatron.core import dist_checkpointing
+
+        models = self._model_sharded_state_dicts()
+        wanted = {name: {k: v for k, v in sd.items() if keep(k)} for name, sd in models.items()}
+        loaded = dist_checkpointing.load(wanted, str(ckpt))
+        for i, c in enumerate(self.chunks):
+            name = self._chunk_key(i)
+            missing, unexpected = c.module.load_state_dict(loaded[name], strict=False)
+            left_out = {k for k in models[name] if not keep(k)}
+            if unexpected or not set(missing) <= left_out | {k for k in missing if k.endswith("_extra_state")}:
+                raise RuntimeError(f"weights from {ckpt} did not fit: missing {missing}, unexpected {unexpected}")
+        self.optimizer.reload_model_params()
 
     def state_dict(self) -> dict:
         """Non-sharded engine state (the same on every rank): the LR/WD schedule."""
@@ -257,6 +284,14 @@ def _unshare_adam_steps(optimizer: Any) -> None:
         for state in opt.optimizer.state.values():
             if isinstance(state.get("step"), Tensor):
                 state["step"] = state["step"].clone()
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (the losses live on the last stage only)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=compat.device())
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _reduce_outputs(outputs: list[dict]) -> tuple[float, Tensor | None]:

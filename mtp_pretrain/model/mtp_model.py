@@ -25,7 +25,7 @@ from torch import Tensor
 
 from mtp_pretrain import compat
 from mtp_pretrain.config import ModelConfig, MTPConfig, ffn_hidden_size
-from mtp_pretrain.loss import HeadTargets, mtp_loss
+from mtp_pretrain.loss import HeadTargets, mask_vocab_padding, mtp_loss
 from mtp_pretrain.model.heads import MTPHeads
 from mtp_pretrain.model.init import init_parameters
 
@@ -104,10 +104,13 @@ class MTPModel(LanguageModule):
         memory_efficient: bool = True,
         layer_spec: ModuleSpec | None = None,
         vp_stage: int | None = None,
+        real_vocab_size: int | None = None,
     ) -> None:
         super().__init__(config=config)
         self.vp_stage = vp_stage  # this chunk's virtual pipeline stage (interleaved schedule), else None
         self.vocab_size, self.n_heads, self.seq_len = vocab_size, n_heads, seq_len
+        # ids >= real_vocab_size are padding (vocab_size is padded for TP): their logits are masked out
+        self.real_vocab_size = real_vocab_size if real_vocab_size is not None else vocab_size
         self.pre_process, self.post_process = pre_process, post_process
         self.share_embeddings_and_output_weights = tie_embeddings
         self.loss_weights = list(loss_weights) if loss_weights is not None else [1.0] * n_heads
@@ -193,6 +196,7 @@ class MTPModel(LanguageModule):
             self.loss_weights,
             chunk_size=self.chunk_size,
             memory_efficient=self.memory_efficient,
+            vocab_limit=self.real_vocab_size,
         )
 
     @torch.no_grad()
@@ -200,7 +204,10 @@ class MTPModel(LanguageModule):
         """Vocab-parallel logits [T, B, V/tp] of the first `heads` heads on inputs tokens [B, T] (one stage)."""
         h, rotary = self.trunk(tokens, tokens.shape[1])
         k = self.n_heads if heads is None else heads
-        return [self.unembed(self.heads.forward_head(i, h, rotary)) for i in range(k)]
+        return [
+            mask_vocab_padding(self.unembed(self.heads.forward_head(i, h, rotary)), self.real_vocab_size)
+            for i in range(k)
+        ]
 
 
 def build_model(
@@ -214,10 +221,12 @@ def build_model(
     vp_stage: int | None = None,
 ) -> MTPModel:
     """The model (or this rank's pipeline stage of it) from the structured config, initialised from `seed`
-    identically under every parallel layout."""
+    identically under every parallel layout. ``vocab_size`` is the tokenizer's; the embedding and unembedding
+    are padded to a multiple of 128 x TP (megatron's rule), and the padding ids never get probability."""
     mtp_model = MTPModel(
         config,
-        vocab_size=vocab_size,
+        vocab_size=padded_vocab_size(vocab_size, config.tensor_model_parallel_size),
+        real_vocab_size=vocab_size,
         n_heads=mtp.n,
         seq_len=model.seq_len,
         pre_process=pre_process,

@@ -96,3 +96,35 @@ def test_error_counts_cover_handed_out_batches(data: dict[str, Any], tmp_path) -
         pass
     ldr.close()
     assert ldr.errors["shards_skipped"] >= 1 and ldr.errors["samples_skipped"] == 0
+
+
+@pytest.mark.parametrize(("old", "new"), [((2, 2), (1, 1)), ((2, 2), (3, 1)), ((1, 2), (2, 2)), ((2, 1), (1, 3))])
+def test_resharded_resume_reads_every_document_once(data: dict[str, Any], old, new) -> None:
+    """(dp, workers) -> (dp', workers'): documents read before + after the change = every document once."""
+    (dp, w), (dp2, w2) = old, new
+    seen: list[str] = []
+    states = {}
+    for rank in range(dp):
+        ldr = loader(data, w, rank, dp)
+        batches = take(ldr, 3 + 2 * rank)  # readers at different positions, some mid-shard
+        ldr.close()
+        states[rank] = json.loads(json.dumps(ldr.state_dict()))
+        for local in range(w):
+            seen += doc_ids([t for b in batches[local::w] for t in b.flatten().tolist()], data["tok"])
+    epochs = {c["epoch"] for st in states.values() for r in st["readers"].values() for c in r["cursors"]}
+    assert epochs == {0}  # all still in epoch 0: the rest of it is what the new readers must read
+    for rank in range(dp2):
+        ldr = loader(data, w2, rank, dp2)
+        ldr.load_resharded(states)
+        for local, st in ldr._states.items():
+            plan = st["cursors"][0]["plan"]["0"]
+            # what is left of epoch 0 for it: the documents that start in its buffer and in its planned shards
+            n_docs = len(doc_ids(st["cursors"][0]["buffer"], data["tok"]))
+            n_docs += sum(DOCS_PER_SHARD - start for _, start in plan)
+            stream = ldr.spec.stream(local)
+            stream.load_state_dict(st)
+            own: list[int] = []
+            while len(doc_ids(own, data["tok"])) <= n_docs and stream.cursors[0]["epoch"] == 0:
+                own += next(stream).flatten().tolist()
+            seen += doc_ids(own, data["tok"])[:n_docs]
+    assert sorted(seen) == [f"doc{i:04d}" for i in range(N_DOCS)]  # none twice, none skipped

@@ -130,7 +130,8 @@ def test_mix_follows_the_weights_exactly_and_resumes(data: dict[str, Any]) -> No
         PackedBatchStream([Dataset.of(d.urls, 1.0, d.name)], data["tok"], batch_size=1, sample_len=16, seed=1)
         for d in mix
     ]
-    alone[1].epoch_shards = lambda e, j=0: PackedBatchStream(mix, data["tok"], 1, 16, seed=1).epoch_shards(e, 1)
+    mixed = PackedBatchStream(mix, data["tok"], 1, 16, seed=1)
+    alone[1]._epoch_items = lambda e, j: mixed._epoch_items(e, 1)  # dataset 1's shard order in the mix
     heads = [next(a)[0] for a in alone]
     taken = [0, 0]
     for row in (r for b in batches for r in b):
