@@ -132,5 +132,25 @@ def train_tokenizer(argv: list[str] | None = None) -> None:
     print(f"wrote {a.out} (vocab {tok.get_vocab_size()})")
 
 
+
+
+def export(argv: list[str] | None = None) -> None:
+    """mtp-export CHECKPOINT --out DIR: a Hugging Face Llama directory (trunk + head 1; extra heads aside)."""
+    _quiet_libraries()
+    p = argparse.ArgumentParser(prog="mtp-export", description=export.__doc__)
+    p.add_argument("checkpoint", help="a step_XXXXXXXX directory (any parallel layout)")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    from mtp_pretrain.checkpoint import CheckpointError
+    from mtp_pretrain.export import export_checkpoint
+
+    try:
+        out = export_checkpoint(a.checkpoint, a.out)
+    except CheckpointError as e:
+        print(f"mtp-export: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"exported {a.checkpoint} to {out}")
+
+
 if __name__ == "__main__":  # dist_checkpointing's helper process re-imports __main__: keep this guard
     train()

@@ -149,6 +149,7 @@ class Trainer:
             "engine": self.engine.state_dict(),
             "config": OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
             "tokenizer_hash": tokenizer_hash(self.tokenizer_path),
+            "tokenizer_json": Path(self.tokenizer_path).read_text(),  # self-contained for export / generation
             "versions": _versions(),
         }
 

@@ -1,0 +1,128 @@
+"""Export a training checkpoint (any TP x PP x DP layout) as a Hugging Face transformers Llama directory.
+
+    mtp-export outputs/tiny-n4/checkpoints/step_00000400 --out exported/
+
+The MTP model *is* a Llama decoder when read along the next-token path: trunk blocks 1..L-n, then head 1's
+block, the shared final norm and the shared unembedding. So the export writes
+
+    config.json              LlamaConfig with num_hidden_layers = L - n + 1 (+ "mtp_n_heads": n)
+    model.safetensors        embed_tokens, layers 0..L-n (the last is head 1), norm, lm_head
+    mtp_heads.safetensors    heads 2..n as "mtp_heads.<k>.<the same Llama layer names>", k = 1..n-1
+    tokenizer.json (+ tokenizer_config.json)   the run's tokenizer, loadable by PreTrainedTokenizerFast
+
+Weight mapping from megatron-core (local spec, no biases): ``linear_qkv`` holds, per query group, that
+group's query heads then one key and one value head — split into q/k/v_proj; ``linear_fc1`` is
+[gate; up] (SwiGLU); the input/pre-MLP norms are stored as ``linear_qkv/linear_fc1.layer_norm_weight``.
+RoPE is the rotate-half form in both, so no permutation is needed. Padding rows of the vocabulary are
+dropped. Nothing is unpickled: the checkpoint is verified first and read as plain tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+
+from mtp_pretrain.config import Config, ffn_hidden_size, from_yaml
+
+LAYER_KEYS = {  # megatron name (below decoder.layers / heads.layers.<i>) -> Llama name (below model.layers.<j>)
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+
+
+def llama_config(cfg: Config, vocab_size: int) -> dict:
+    m = cfg.model
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": m.hidden_size,
+        "intermediate_size": ffn_hidden_size(m),
+        "num_hidden_layers": m.num_layers - cfg.mtp.n + 1,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.num_query_groups or m.num_attention_heads,
+        "head_dim": m.hidden_size // m.num_attention_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": m.seq_len,
+        "rms_norm_eps": m.norm_eps,
+        "rope_theta": float(m.rotary_base),
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": m.tie_embeddings,
+        "bos_token_id": 0,  # documents are separated by EOS only: it also starts generation
+        "eos_token_id": 0,
+        "pad_token_id": 1,
+        "torch_dtype": "float32",
+        "mtp_n_heads": cfg.mtp.n,  # extra field: the heads beyond the first are in mtp_heads.safetensors
+    }
+
+
+def _layer(get, prefix: str, cfg: Config) -> dict[str, torch.Tensor]:
+    """One megatron block (``get(name)`` -> tensor) as Llama layer tensors."""
+    m = cfg.model
+    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
+    head_dim = m.hidden_size // heads
+    qkv = get(f"{prefix}self_attention.linear_qkv.weight").view(groups, (heads // groups + 2) * head_dim, -1)
+    q, k, v = qkv.split([heads // groups * head_dim, head_dim, head_dim], dim=1)
+    gate, up = get(f"{prefix}mlp.linear_fc1.weight").chunk(2, dim=0)
+    out = {llama: get(prefix + ours) for ours, llama in LAYER_KEYS.items()}
+    out.update({
+        "self_attn.q_proj.weight": q.reshape(heads * head_dim, -1), "self_attn.k_proj.weight": k.reshape(groups * head_dim, -1),
+        "self_attn.v_proj.weight": v.reshape(groups * head_dim, -1), "mlp.gate_proj.weight": gate, "mlp.up_proj.weight": up,
+    })  # fmt: skip
+    return {name: t.contiguous().clone() for name, t in out.items()}
+
+
+def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
+    """Write the Llama directory for checkpoint ``ckpt`` into ``out_dir``; returns ``out_dir``."""
+    from megatron.core.dist_checkpointing.serialization import load_plain_tensors
+
+    from mtp_pretrain import parallel
+    from mtp_pretrain.checkpoint import Checkpointer, CheckpointError
+
+    ckpt, out = Path(ckpt), Path(out_dir)
+    common = Checkpointer.read_common(ckpt)
+    if "tokenizer_json" not in common:
+        raise CheckpointError(f"{ckpt} holds no tokenizer (written by an older version); re-save it")
+    cfg = from_yaml(common["config"])
+    vocab_size = Tokenizer.from_str(common["tokenizer_json"]).get_vocab_size()
+    parallel.init_distributed()  # dist_checkpointing reads through torch.distributed (a world of one here)
+    plain = load_plain_tensors(str(ckpt))
+    trunk = cfg.model.num_layers - cfg.mtp.n
+
+    def head_get(name: str) -> torch.Tensor:
+        return plain[name]
+
+    tensors: dict[str, torch.Tensor] = {}
+    for i in range(trunk):  # megatron stores the trunk's blocks stacked along a layer dimension
+        for name, t in _layer(lambda n, i=i: plain[f"decoder.layers.{n}"][i], "", cfg).items():
+            tensors[f"model.layers.{i}.{name}"] = t
+    for name, t in _layer(head_get, "heads.layers.0.", cfg).items():
+        tensors[f"model.layers.{trunk}.{name}"] = t
+    tensors["model.embed_tokens.weight"] = plain["embedding.word_embeddings.weight"][:vocab_size].clone()
+    tensors["model.norm.weight"] = plain["heads.final_layernorm.weight"].clone()
+    if not cfg.model.tie_embeddings:
+        tensors["lm_head.weight"] = plain["output_layer.weight"][:vocab_size].clone()
+    extra = {
+        f"mtp_heads.{k}.{name}": t
+        for k in range(1, cfg.mtp.n)
+        for name, t in _layer(head_get, f"heads.layers.{k}.", cfg).items()
+    }
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if extra:
+        save_file(extra, str(out / "mtp_heads.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(llama_config(cfg, vocab_size), indent=2))
+    (out / "tokenizer.json").write_text(common["tokenizer_json"])
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>",
+        "pad_token": "<|pad|>", "model_max_length": cfg.model.seq_len,
+    }, indent=2))  # fmt: skip
+    return out
