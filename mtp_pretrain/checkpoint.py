@@ -2,7 +2,8 @@
 
 Layout of one checkpoint (one directory per step under `<run_dir>/checkpoints/`):
     step_00000100/
-        <megatron dist_checkpointing files>   model + optimizer, sharded, reshardable across TP/PP/DP
+        <engine files>                        model + optimizer, sharded (megatron: dist_checkpointing,
+                                              reshardable across TP/PP/DP; deepspeed: deepspeed/)
         trainer.pt                            state shared by all ranks (step, schedule, config, versions)
         rank_00000.pt ...                     per-rank state (RNG streams, data-loader position)
         mtp_checkpoint.json                   written last inside the directory: files and sizes
@@ -19,6 +20,7 @@ import json
 import multiprocessing
 import os
 import shutil
+from collections.abc import Callable
 from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Any
@@ -98,9 +100,11 @@ class Checkpointer:
         self.root = Path(root)
         self.keep_last = keep_last
 
-    def save(self, step: int, sharded: dict, common: dict[str, Any], per_rank: dict[str, Any]) -> Path:
-        from megatron.core import dist_checkpointing
-
+    def save(
+        self, step: int, write: Callable[[Path], None], common: dict[str, Any], per_rank: dict[str, Any]
+    ) -> Path:
+        """Checkpoint ``step``: ``write(directory)`` (collective) writes the engine's sharded model and
+        optimizer state; ``common`` (rank 0) and ``per_rank`` go next to it."""
         final = self.root / step_dir_name(step)
         tmp = self.root / f"{_TMP_PREFIX}{final.name}"
         if rank() == 0:
@@ -113,7 +117,7 @@ class Checkpointer:
             tmp.mkdir()
         barrier()
         _results_queue_dies_with_us()
-        dist_checkpointing.save(sharded, str(tmp))
+        write(tmp)
         torch.save(per_rank, tmp / f"rank_{rank():05d}.pt")
         if rank() == 0:
             torch.save(common, tmp / "trainer.pt")
@@ -175,14 +179,11 @@ class Checkpointer:
         return torch.load(ckpt / "trainer.pt", weights_only=True)
 
     @staticmethod
-    def load(ckpt: Path, sharded_template: dict) -> tuple[dict, dict, dict | None]:
-        """(sharded state, common state, this rank's state or None if the world size changed)."""
-        from megatron.core import dist_checkpointing
-
+    def load(ckpt: Path) -> tuple[dict, dict | None]:
+        """(common state, this rank's state or None if the world size changed) of a verified checkpoint;
+        the engine loads its own files (``engine.load(ckpt)``)."""
         meta = verify(Checkpointer.checked(ckpt))
-        state = dist_checkpointing.load(sharded_template, str(ckpt))
         common = torch.load(ckpt / "trainer.pt", weights_only=True)
         rank_file = ckpt / f"rank_{rank():05d}.pt"
-        world = world_size()
-        per_rank = torch.load(rank_file, weights_only=True) if meta["world_size"] == world else None
-        return state, common, per_rank
+        per_rank = torch.load(rank_file, weights_only=True) if meta["world_size"] == world_size() else None
+        return common, per_rank

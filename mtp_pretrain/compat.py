@@ -182,3 +182,17 @@ def apply() -> None:
 
     # Process-wide: entered once and never exited (the mode stack is per thread; training runs on this one).
     _CudaToCpuMode().__enter__()
+
+
+def apply_deepspeed() -> None:
+    """DeepSpeed on CPU: its torch comm backend JIT-compiles a shared-memory all-reduce op the first time it
+    starts on a machine (~2.5 min measured) that gloo training never needs; skip building it. Before
+    ``import deepspeed`` picks an accelerator, pin the CPU one. No-op with CUDA."""
+    if cuda_available():
+        return
+    import importlib
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # importlib, not `import deepspeed.comm.torch as m`: deepspeed.comm's attribute `torch` is torch itself
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None

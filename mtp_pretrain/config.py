@@ -84,7 +84,7 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
-    engine: str = "megatron"  # how gradients are reduced and the optimizer steps (megatron DDP + DistOpt)
+    engine: str = "megatron"  # megatron (DDP + DistributedOptimizer, any TP x PP x DP) | deepspeed (ZeRO, PP=1)
     tp: int = 1  # tensor parallel: splits attention heads, FFN and the vocabulary
     pp: int = 1  # pipeline stages: stage 0 holds the embedding, the last one the n heads
     vpp: int | None = None  # virtual stages (model chunks) per pipeline rank: interleaved 1F1B when > 1
@@ -93,6 +93,11 @@ class ParallelConfig:
     # evenly). The last stage also runs the n head blocks and n unembeddings: give it fewer trunk layers.
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
+    # engine=deepspeed only
+    zero_stage: int = 1  # 0-3: shard optimizer state (1), + gradients (2), + parameters (3)
+    offload_optimizer: bool = False  # optimizer state and step on the CPU (torch AdamW: nothing to compile)
+    offload_params: bool = False  # parameters on the CPU between uses (ZeRO-3)
+    deepspeed_config: str | None = None  # a DeepSpeed JSON file merged over the generated config
 
 
 @dataclass
@@ -201,10 +206,23 @@ def validate(cfg: Config) -> None:
         f"logging.wandb_mode={cfg.logging.wandb_mode!r}: use offline, online or disabled",
     )
     p = cfg.parallel
-    _require(
-        p.engine == "megatron",
-        f"parallel.engine={p.engine!r}: only 'megatron' is available (megatron DDP + DistributedOptimizer)",
-    )
+    _require(p.engine in ("megatron", "deepspeed"), f"parallel.engine={p.engine!r}: use megatron or deepspeed")
+    if p.engine == "deepspeed":
+        _require(p.pp == 1 and not p.vpp, f"parallel.engine=deepspeed runs PP=1 (got parallel.pp={p.pp}); "
+                 "use parallel.engine=megatron for pipeline parallelism")  # fmt: skip
+        _require(0 <= p.zero_stage <= 3, f"parallel.zero_stage={p.zero_stage}: use 0, 1, 2 or 3")
+        _require(not p.offload_params or p.zero_stage == 3, "parallel.offload_params needs parallel.zero_stage=3")
+        _require(not p.offload_optimizer or p.zero_stage >= 1, "parallel.offload_optimizer needs parallel.zero_stage >= 1")
+        _require(
+            not t.init_from,
+            "trainer.init_from with parallel.engine=deepspeed: start the finetune with parallel.engine=megatron "
+            "(its first checkpoint then resumes under either engine's layout rules)",
+        )
+        _require(
+            p.zero_stage < 3 or not mtp.memory_efficient,
+            "parallel.zero_stage=3 needs mtp.memory_efficient=false: ZeRO-3 gathers parameters only inside its module "
+            "hooks, which the per-head backward of the memory-efficient loss runs outside of (or use zero_stage<=2)",
+        )
     _require(p.tp >= 1 and p.pp >= 1, f"parallel.tp={p.tp} and parallel.pp={p.pp} must be >= 1")
     _require(
         m.num_attention_heads % p.tp == 0,

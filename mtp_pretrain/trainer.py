@@ -27,7 +27,8 @@ from mtp_pretrain.data.loader import BatchLoader
 from mtp_pretrain.data.shards import check_shard_tokenizer
 from mtp_pretrain.data.stream import ERROR_KINDS, Dataset, PackedBatchStream, target_mask
 from mtp_pretrain.data.tokenizer import eos_id, load_tokenizer, pad_id, tokenizer_hash
-from mtp_pretrain.engine.megatron import Batch, MegatronEngine
+from mtp_pretrain.engine.base import Batch, Engine, NonFiniteLossError
+from mtp_pretrain.engine.megatron import MegatronEngine
 from mtp_pretrain.faults import crash_point
 from mtp_pretrain.flops import peak_flops, train_flops_per_token
 from mtp_pretrain.loss import STAT_CORRECT, STAT_COUNT, STAT_LOSS_SUM
@@ -50,8 +51,6 @@ class TrainResult:
     nonfinite_steps: int = 0  # steps whose update was dropped because some loss was NaN/inf
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training diverged (NaN/inf loss) under trainer.nonfinite=abort, or for too many steps in a row."""
 
 
 def head_metrics(stats: torch.Tensor, loss: float) -> dict[str, float]:
@@ -96,9 +95,7 @@ class Trainer:
         chunks = build_pipeline_chunks(
             cfg.model, cfg.mtp, self.vocab_size, self.tconfig, seed=t.seed
         )
-        self.engine = MegatronEngine(
-            chunks, self.tconfig, cfg.optim, t.steps, bf16=t.bf16, overlap_grad_reduce=cfg.parallel.overlap_grad_reduce
-        )
+        self.engine = self._build_engine(chunks)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.sample_len = cfg.model.seq_len + cfg.mtp.n
         d = cfg.data
@@ -122,6 +119,16 @@ class Trainer:
         )
 
     # -- set-up ---------------------------------------------------------------------------------------
+    def _build_engine(self, chunks: list[torch.nn.Module]) -> Engine:
+        cfg, t = self.cfg, self.cfg.trainer
+        if cfg.parallel.engine == "deepspeed":
+            from mtp_pretrain.engine.deepspeed import DeepSpeedEngine  # imports deepspeed only when asked
+
+            return DeepSpeedEngine(chunks[0], cfg.optim, t.steps, cfg.parallel, t.micro_batch_size, t.grad_accum, t.bf16)
+        return MegatronEngine(
+            chunks, self.tconfig, cfg.optim, t.steps, bf16=t.bf16, overlap_grad_reduce=cfg.parallel.overlap_grad_reduce
+        )
+
     def _datasets(self) -> tuple[Path, list[Dataset], list[Dataset]]:
         """(tokenizer, training mix, validation set): pre-built shards, or the corpus built from sources."""
         d = self.cfg.data
@@ -184,8 +191,8 @@ class Trainer:
 
     def _load(self, ckpt: Path) -> None:
         common = self._read_compatible(ckpt, finetune=False)
-        sharded, _, per_rank = self.checkpointer.load(ckpt, self.engine.sharded_state_dict(is_loading=True))
-        self.engine.load_sharded_state_dict(sharded)
+        _, per_rank = self.checkpointer.load(ckpt)
+        self.engine.load(ckpt)
         self.engine.load_state_dict(common["engine"])
         self.step = common["trainer"]["step"]
         self.consumed_tokens = common["trainer"]["consumed_tokens"]
@@ -229,7 +236,7 @@ class Trainer:
         }
         ckpt = self.checkpointer.save(
             self.step,
-            self.engine.sharded_state_dict(),
+            self.engine.save,
             common={**self._common_state(), "data": data},
             per_rank={"rng": get_rng_state()},
         )

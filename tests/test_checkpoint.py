@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from megatron.core import dist_checkpointing
 
 from mtp_pretrain.checkpoint import Checkpointer, CheckpointError, step_dir_name, verify
 from mtp_pretrain.config import ModelConfig, MTPConfig, OptimConfig
@@ -27,10 +28,19 @@ def model(dist_world):
     return _model(0)
 
 
+def _writer(sharded: dict):
+    return lambda directory: dist_checkpointing.save(sharded, str(directory))
+
+
+def _read(path, model) -> tuple[dict, dict, dict | None]:
+    common, per_rank = Checkpointer.load(path)
+    return dist_checkpointing.load(model.sharded_state_dict(), str(path)), common, per_rank
+
+
 def _save(ck: Checkpointer, step: int, model) -> Path:
     return ck.save(
         step,
-        model.sharded_state_dict(),
+        _writer(model.sharded_state_dict()),
         common={"trainer": {"step": step}, "note": f"saved at {step}"},
         per_rank={"rank_value": torch.tensor([step, 7]), "rng": get_rng_state()},
     )
@@ -82,7 +92,7 @@ def test_truncated_file_fails_verify_and_latest_falls_back(model, tmp_path, caps
     skipped = [line for line in capsys.readouterr().out.splitlines() if "skipping" in line]
     assert len(skipped) == 1 and second.name in skipped[0]  # reported once
     with pytest.raises(CheckpointError):
-        Checkpointer.load(second, model.sharded_state_dict())
+        Checkpointer.load(second)
 
 
 def test_missing_metadata_makes_a_directory_invalid(model, tmp_path):
@@ -134,7 +144,7 @@ def test_retention_keeps_newest_and_the_latest(model, tmp_path):
     assert _steps(tmp_path) == ["step_00000002", "step_00000003", "step_00000004"]
     assert ck.latest() == tmp_path / "step_00000002"
     Checkpointer(tmp_path, keep_last=1).save(
-        1, model.sharded_state_dict(), common={}, per_rank={}
+        1, _writer(model.sharded_state_dict()), common={}, per_rank={}
     )  # the newest (4) and the latest (1) stay
     assert _steps(tmp_path) == ["step_00000001", "step_00000004"]
     assert ck.latest() == tmp_path / "step_00000001"
@@ -148,7 +158,7 @@ def test_load_round_trips_model_and_dicts_without_pickled_code(model, tmp_path):
     ref = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     assert any(not torch.equal(before[k], ref[k]) for k in ref)  # really different weights
 
-    state, common, per_rank = Checkpointer.load(path, other.sharded_state_dict())
+    state, common, per_rank = _read(path, other)
     other.load_state_dict(state)
     after = {k: v for k, v in other.state_dict().items() if not k.endswith("_extra_state")}
     assert after.keys() == ref.keys()
@@ -168,7 +178,7 @@ def test_load_with_another_world_size_drops_per_rank_state(model, tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["world_size"] = 2
     meta_path.write_text(json.dumps(meta))
-    state, common, per_rank = Checkpointer.load(path, _model(1).sharded_state_dict())
+    state, common, per_rank = _read(path, _model(1))
     assert per_rank is None and common["trainer"]["step"] == 1 and state
 
 
@@ -193,11 +203,11 @@ def test_engine_resume_is_bit_identical(dist_world, tmp_path):
     for tokens in batches[:2]:
         assert not _step(original, tokens).skipped
     ck = Checkpointer(tmp_path)
-    path = ck.save(2, original.sharded_state_dict(), common={"engine": original.state_dict()}, per_rank={})
+    path = ck.save(2, original.save, common={"engine": original.state_dict()}, per_rank={})
 
     resumed = _engine(1)  # other initial weights, fresh optimizer and schedule
-    sharded, common, _ = Checkpointer.load(ck.latest(), resumed.sharded_state_dict(is_loading=True))
-    resumed.load_sharded_state_dict(sharded)
+    common, _ = Checkpointer.load(ck.latest())
+    resumed.load(ck.latest())
     resumed.load_state_dict(common["engine"])
     assert ck.latest() == path
 

@@ -32,7 +32,7 @@ def test_export_round_trips_through_transformers(dist_world, synthetic_source, t
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 2 and config["mtp_n_heads"] == 3 and config["num_key_value_heads"] == 1
     hf = transformers.LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
-    model = trainer.engine.model.module.eval()
+    model = trainer.engine.module.eval()
     tokens = torch.randint(2, trainer.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model.head_logits(tokens, heads=1)[0].transpose(0, 1)[..., : trainer.vocab_size]  # [B, T, V]

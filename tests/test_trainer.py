@@ -30,10 +30,12 @@ def _prebuilt_mix(source, root) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("data", ["corpus", "prebuilt-mix"])
+@pytest.mark.parametrize("data", ["corpus", "prebuilt-mix", "deepspeed-zero2"])
 def test_train_resume_continues_identical_curve(dist_world, synthetic_source, tmp_path, data):
     cache = tmp_path / "cache"
     extra = _prebuilt_mix(synthetic_source, tmp_path / "shards") if data == "prebuilt-mix" else {}
+    if data == "deepspeed-zero2":  # the DeepSpeed engine's own sharded checkpoint inside ours
+        extra = {"parallel.engine": "deepspeed", "parallel.zero_stage": 2, "trainer.grad_accum": 2}
 
     def config(run_dir):
         return compose_config(*tiny_run_overrides(synthetic_source, cache, run_dir, **extra))
@@ -84,7 +86,7 @@ def _nan_at_step(trainer: Trainer, step: int) -> None:
             return output[0] * float("nan"), output[1]
         return output
 
-    trainer.engine.model.module.register_forward_hook(hook)
+    trainer.engine.module.register_forward_hook(hook)
 
 
 def test_nonfinite_loss_skip_drops_the_update_and_counts(dist_world, synthetic_source, tmp_path):
@@ -94,10 +96,10 @@ def test_nonfinite_loss_skip_drops_the_update_and_counts(dist_world, synthetic_s
     train_step = trainer.engine.train_step
 
     def recording(*args, **kw):
-        before = [p.detach().clone() for p in trainer.engine.model.parameters()]
+        before = [p.detach().clone() for p in trainer.engine.module.parameters()]
         lr_before = trainer.engine.optimizer.param_groups[0]["lr"]
         result = train_step(*args, **kw)
-        after = list(trainer.engine.model.parameters())
+        after = list(trainer.engine.module.parameters())
         params[trainer.step + 1] = (all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), lr_before,
                                     trainer.engine.optimizer.param_groups[0]["lr"], result.nonfinite)  # fmt: skip
         return result
@@ -108,7 +110,7 @@ def test_nonfinite_loss_skip_drops_the_update_and_counts(dist_world, synthetic_s
     unchanged, lr_before, lr_after, nonfinite = params[3]
     assert nonfinite and unchanged and lr_after == lr_before  # no update, the schedule waits
     assert not any(params[s][0] for s in (2, 4, 5, 6)), params  # the others updated (step 1 runs at warm-up lr 0)
-    assert all(torch.isfinite(p).all() for p in trainer.engine.model.parameters())
+    assert all(torch.isfinite(p).all() for p in trainer.engine.module.parameters())
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["nonfinite_steps"] for r in history if r["split"] == "train"] == [0, 0, 1, 1, 1, 1]
 
@@ -147,7 +149,7 @@ def test_init_from_an_n2_checkpoint_finetunes_with_n1(dist_world, synthetic_sour
     tuned = Trainer(compose_config(*tiny_run_overrides(synthetic_source, cache, tmp_path / "n1", **overrides)))
     assert tuned.step == 0
     saved = load_plain_tensors(str(base.checkpoint))
-    model = tuned.engine.model.module
+    model = tuned.engine.module
     got = {k: v for k, v in model.state_dict().items() if "_extra_state" not in k}
     assert torch.equal(got["embedding.word_embeddings.weight"], saved["embedding.word_embeddings.weight"])
     assert torch.equal(got["heads.layers.0.mlp.linear_fc2.weight"], saved["heads.layers.0.mlp.linear_fc2.weight"])

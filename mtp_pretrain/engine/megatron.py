@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -28,19 +26,7 @@ from torch import Tensor
 
 from mtp_pretrain import compat
 from mtp_pretrain.config import OptimConfig
-
-# tokens [B, T+n], target validity [B, T+n] (+ optional document numbers [B, T+n]): MTPModel.forward's inputs
-Batch = tuple[Tensor, ...]
-
-
-@dataclass
-class StepResult:
-    loss: float  # weighted total loss, mean over micro-batches (and data-parallel ranks)
-    head_stats: Tensor | None  # [n, 3] summed (loss_sum, correct, count) over the step; last stage only
-    grad_norm: float
-    lr: float
-    skipped: bool  # no update was applied (non-finite loss, or the optimizer refused the step)
-    nonfinite: bool = False  # the loss of some rank was NaN/inf: the update was dropped on every rank
+from mtp_pretrain.engine.base import Batch, StepResult, any_rank, reduce_outputs
 
 
 class MegatronEngine:
@@ -108,6 +94,20 @@ class MegatronEngine:
             config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
 
     @property
+    def module(self) -> torch.nn.Module:
+        return self.chunks[0].module
+
+    def save(self, directory: Path) -> None:
+        from megatron.core import dist_checkpointing
+
+        dist_checkpointing.save(self.sharded_state_dict(), str(directory))
+
+    def load(self, directory: Path) -> None:
+        from megatron.core import dist_checkpointing
+
+        self.load_sharded_state_dict(dist_checkpointing.load(self.sharded_state_dict(is_loading=True), str(directory)))
+
+    @property
     def model(self) -> DistributedDataParallel:
         """The (first) model chunk; with one chunk per rank, the model."""
         return self.chunks[0]
@@ -144,8 +144,8 @@ class MegatronEngine:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run(batches, num_microbatches, seq_len, micro_batch, forward_only=False)
-        loss, stats = _reduce_outputs(outputs)
-        if _any_rank(not all(torch.isfinite(o["loss"]).item() for o in outputs)):
+        loss, stats = reduce_outputs(outputs)
+        if any_rank(not all(torch.isfinite(o["loss"]).item() for o in outputs)):
             # never apply an update computed from NaN/inf; the scheduler does not advance (as megatron's
             # skipped iterations); the gradients are cleared by the next step's zero_grad
             return StepResult(loss, stats, float("nan"), self.optimizer.param_groups[0]["lr"], True, nonfinite=True)
@@ -164,7 +164,7 @@ class MegatronEngine:
     def eval_step(self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int) -> tuple[float, Tensor | None]:
         for c in self.chunks:
             c.eval()
-        return _reduce_outputs(self._run(batches, num_microbatches, seq_len, micro_batch, forward_only=True))
+        return reduce_outputs(self._run(batches, num_microbatches, seq_len, micro_batch, forward_only=True))
 
     # -- checkpoint protocol ------------------------------------------------------------------------
     def sharded_state_dict(self, is_loading: bool = False) -> dict:
@@ -284,26 +284,3 @@ def _unshare_adam_steps(optimizer: Any) -> None:
         for state in opt.optimizer.state.values():
             if isinstance(state.get("step"), Tensor):
                 state["step"] = state["step"].clone()
-
-
-def _any_rank(flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any rank (the losses live on the last stage only)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=compat.device())
-    if torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def _reduce_outputs(outputs: list[dict]) -> tuple[float, Tensor | None]:
-    """Mean loss over micro-batches and data-parallel ranks; per-head stats summed (last stage only)."""
-    if not outputs:  # not the last pipeline stage
-        return float("nan"), None
-    loss = torch.stack([o["loss"] for o in outputs]).mean()
-    stats = torch.stack([o["stats"] for o in outputs]).sum(0)
-    dp = parallel_state.get_data_parallel_group()
-    if torch.distributed.get_world_size(dp) > 1:
-        packed = torch.cat([loss.view(1), stats.flatten()])
-        torch.distributed.all_reduce(packed, group=dp)
-        loss = packed[0] / torch.distributed.get_world_size(dp)
-        stats = packed[1:].view_as(stats)
-    return float(loss), stats

@@ -8,11 +8,10 @@ dist_checkpointing save into its own TP1/PP1 model (resharding) to compare every
 import json
 
 import pytest
-import torch
 from megatron.core import dist_checkpointing
 
 from tests.distributed import layout_parity as script
-from tests.distributed.test_tensor_parallel import ROOT, torchrun
+from tests.distributed.test_tensor_parallel import compare_to_reference, launch_all
 
 # world 2: TP2, PP2, DP2 (+ PP2 tied, PP2 uneven, PP2 x VPP2 interleaved);
 # world 4: TP2xPP2, DP2xPP2, DP2xTP2 (+ TP2xPP2 tied)
@@ -22,11 +21,7 @@ LOSS_TOL, PARAM_TOL = 1e-5, 3e-5  # params: Adam magnifies fp32 reduction-order 
 
 @pytest.fixture(scope="module")
 def layout_runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("layouts")
-    for world, layouts in LAUNCHES.items():
-        proc = torchrun(world, ROOT / "tests" / "distributed" / "layout_parity.py", str(out), *layouts, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return out
+    return launch_all(tmp_path_factory.mktemp("layouts"), "layout_parity.py", LAUNCHES)
 
 
 def _reference(n: int, dp: int, tie: bool):  # an uneven pipeline split is the same model: no variant here
@@ -47,16 +42,10 @@ def test_every_layout_matches_one_process(dist_world, layout_runs, n):
             references[(dp, tie)] = _reference(n, dp, tie)
         ref_history, ref_params, ref_engine = references[(dp, tie)]
         history = json.loads((layout_runs / f"{name}.json").read_text())
-        assert len(history) == len(ref_history) == script.STEPS
-        for step, (got, want) in enumerate(zip(history, ref_history, strict=True)):
-            for key in [k for k in want if k.startswith(("loss", "acc"))]:
-                worst_loss = max(worst_loss, abs(got[key] - want[key]))
-                assert abs(got[key] - want[key]) < LOSS_TOL, (name, step, key, got[key], want[key])
+        assert len(history) == script.STEPS
         loaded = dist_checkpointing.load(
             {"model": ref_engine.model.module.sharded_state_dict()}, str(layout_runs / name)
         )["model"]
-        for key, want in ref_params.items():
-            got = loaded[key]
-            worst_param = max(worst_param, (got - want).abs().max().item())
-            torch.testing.assert_close(got, want, rtol=0, atol=PARAM_TOL, msg=lambda m, key=key, name=name: f"{name} {key}: {m}")
+        worst = compare_to_reference(name, history, ref_history, loaded, ref_params, LOSS_TOL, PARAM_TOL)
+        worst_loss, worst_param = max(worst_loss, worst[0]), max(worst_param, worst[1])
     print(f"n={n}: worst per-head loss diff {worst_loss:.2e}, worst param diff {worst_param:.2e}")

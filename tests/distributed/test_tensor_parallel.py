@@ -23,6 +23,30 @@ def torchrun(nproc: int, script_path: Path, *args: str, timeout: int = 300) -> s
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def launch_all(out: Path, script: str, launches: dict[int, list[str]]) -> Path:
+    """One torchrun launch per world size of tests/distributed/<script> OUT SPEC...; fails with its output."""
+    for world, specs in launches.items():
+        proc = torchrun(world, ROOT / "tests" / "distributed" / script, str(out), *specs, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out
+
+
+def compare_to_reference(name: str, history: list[dict], ref_history: list[dict], loaded: dict, ref_params: dict,
+                         loss_tol: float, param_tol: float) -> tuple[float, float]:  # fmt: skip
+    """Per-step per-head losses/accuracies and every parameter of run ``name`` against the reference;
+    returns (worst loss difference, worst parameter difference)."""
+    assert len(history) == len(ref_history) > 0
+    worst_loss = worst_param = 0.0
+    for step, (got, want) in enumerate(zip(history, ref_history, strict=True)):
+        for key in [k for k in want if k.startswith(("loss", "acc"))]:
+            worst_loss = max(worst_loss, abs(got[key] - want[key]))
+            assert abs(got[key] - want[key]) < loss_tol, (name, step, key, got[key], want[key])
+    for key, want in ref_params.items():
+        worst_param = max(worst_param, (loaded[key] - want).abs().max().item())
+        torch.testing.assert_close(loaded[key], want, rtol=0, atol=param_tol, msg=lambda m, key=key: f"{name} {key}: {m}")
+    return worst_loss, worst_param
+
+
 def test_memory_efficient_loss_with_tp2_equals_naive_and_tp1(dist_world, tmp_path):
     out, logits_file = tmp_path / "losses.json", tmp_path / "logits.pt"
     proc = torchrun(2, ROOT / "tests" / "distributed" / "loss_parity_tp.py", str(out), str(logits_file))

@@ -1,0 +1,81 @@
+"""Run under torchrun (gloo): the n=4 parity model trained by the DeepSpeed engine in several ZeRO layouts.
+
+    torchrun --nproc-per-node=W tests/distributed/deepspeed_parity.py OUT_DIR SPEC [SPEC ...]
+    SPEC = zero_stage,grad_accum[,tp2]   (dp = W / tp)
+
+Same model, optimizer settings and global batches as layout_parity.py (its single-process megatron run is
+the reference). For each SPEC: STEPS steps, per-step per-head losses (OUT_DIR/<name>.json, logging rank) and
+the final model (gathered under ZeRO-3) saved with dist_checkpointing (OUT_DIR/<name>/) so the pytest side
+can load it into a TP1 model and compare every parameter.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from mtp_pretrain import parallel
+from mtp_pretrain.config import MTPConfig, ParallelConfig
+from mtp_pretrain.engine.deepspeed import DeepSpeedEngine
+from mtp_pretrain.model.mtp_model import build_model, transformer_config
+from mtp_pretrain.trainer import head_metrics
+from tests.distributed.layout_parity import MICRO, OPTIM, STEPS, VOCAB, micro_batches, model_cfg
+
+N = 4
+RESHARD_SPEC = "2,1"  # ZeRO-2 on 2 ranks: the checkpoint a 1-rank run converts to DeepSpeed's universal format
+
+
+def run(zero: int, ga: int, tp: int) -> tuple[list[dict], DeepSpeedEngine]:
+    cfg = model_cfg(N)
+    mtp = MTPConfig(n=N, memory_efficient=zero < 3)  # ZeRO-3 needs the naive loss (see engine/deepspeed.py)
+    model = build_model(cfg, mtp, VOCAB, transformer_config(cfg, mtp, tp=tp))
+    engine = DeepSpeedEngine(model, OPTIM, STEPS, ParallelConfig(engine="deepspeed", tp=tp, zero_stage=zero), MICRO, ga)
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    history = []
+    for step in range(STEPS):
+        it = iter([(t, torch.ones_like(t, dtype=torch.bool)) for t in micro_batches(step, N, dp, dp_rank, ga)])
+        result = engine.train_step(it, ga, cfg.seq_len, MICRO)
+        history.append(head_metrics(result.head_stats, result.loss) | {"grad_norm": result.grad_norm})
+    return history, engine
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    parallel.init_distributed()
+    world = torch.distributed.get_world_size()
+    for spec in sys.argv[2:]:
+        zero, ga, *flags = spec.split(",")
+        zero, ga, tp = int(zero), int(ga), 2 if "tp2" in flags else 1
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        model_parallel_cuda_manual_seed(0)
+        history, engine = run(zero, ga, tp)
+        name = f"zero{zero}-ga{ga}-tp{tp}dp{world // tp}"
+        if torch.distributed.get_rank() == 0:
+            (out / name).mkdir(parents=True, exist_ok=True)
+        torch.distributed.barrier()
+        params = list(engine.module.parameters())
+        if zero == 3:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        else:
+            import contextlib
+
+            gathered = contextlib.nullcontext()
+        with gathered:
+            dist_checkpointing.save({"model": engine.module.sharded_state_dict()}, str(out / name))
+        if spec == RESHARD_SPEC:  # its own checkpoint too: test_deepspeed.py resumes it on one process
+            (out / f"{name}-engine").mkdir(exist_ok=True)
+            engine.save(out / f"{name}-engine")
+        if parallel.is_logging_rank():
+            (out / f"{name}.json").write_text(json.dumps(history))
+        torch.distributed.barrier()
+    parallel.destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()

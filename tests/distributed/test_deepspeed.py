@@ -1,0 +1,61 @@
+"""DeepSpeed engine parity: ZeRO 1/2/3 (2 ranks) and TP2 x DP2 (4 ranks), grad accumulation 1 and 2, give the
+single-process run's per-head losses and parameters (fp32). One torchrun launch per world size."""
+
+import json
+
+import pytest
+import torch
+from megatron.core import dist_checkpointing
+
+from tests.distributed import deepspeed_parity as script
+from tests.distributed import layout_parity
+from tests.distributed.test_tensor_parallel import compare_to_reference, launch_all
+
+LAUNCHES = {2: ["1,1", "1,2", "2,1", "2,2", "3,1", "3,2"], 4: ["1,2,tp2", "2,1,tp2"]}
+LOSS_TOL, PARAM_TOL = 1e-5, 3e-5  # as tests/distributed/test_layouts.py: fp32 reduction-order noise through Adam
+
+
+@pytest.fixture(scope="module")
+def ds_runs(tmp_path_factory):
+    return launch_all(tmp_path_factory.mktemp("deepspeed"), "deepspeed_parity.py", LAUNCHES)
+
+
+def test_every_zero_stage_matches_one_process(dist_world, ds_runs):
+    names = sorted(p.stem for p in ds_runs.glob("zero*.json"))
+    assert len(names) == 8, names
+    references = {}
+    worst_loss, worst_param = 0.0, 0.0
+    for name in names:
+        ga, dp = int(name.split("-ga")[1].split("-")[0]), int(name.split("dp")[1])
+        if ga * dp not in references:
+            history, engine = layout_parity.run(script.N, tp=1, pp=1, dp=1, ga=ga * dp)
+            params = {k: v.detach().clone() for k, v in engine.module.state_dict().items() if "_extra_state" not in k}
+            references[ga * dp] = history, params, engine
+        ref_history, ref_params, ref_engine = references[ga * dp]
+        history = json.loads((ds_runs / f"{name}.json").read_text())
+        loaded = dist_checkpointing.load({"model": ref_engine.module.sharded_state_dict()}, str(ds_runs / name))["model"]
+        worst = compare_to_reference(name, history, ref_history, loaded, ref_params, LOSS_TOL, PARAM_TOL)
+        worst_loss, worst_param = max(worst_loss, worst[0]), max(worst_param, worst[1])
+    print(f"deepspeed vs one process: worst per-head loss diff {worst_loss:.2e}, worst param diff {worst_param:.2e}")
+
+
+def test_deepspeed_checkpoint_resumes_on_another_dp_size_through_universal(dist_world, ds_runs):
+    """The ZeRO-2 DP2 engine checkpoint on one process: converted automatically, weights and Adam state
+    restored exactly (parameters bit-identical to that run's final ones), and training continues."""
+    from mtp_pretrain.config import MTPConfig, ParallelConfig
+    from mtp_pretrain.engine.deepspeed import DeepSpeedEngine
+    from mtp_pretrain.model.mtp_model import build_model, transformer_config
+
+    name = "zero2-ga1-tp1dp2"
+    cfg, mtp = layout_parity.model_cfg(script.N), MTPConfig(n=script.N)
+    model = build_model(cfg, mtp, layout_parity.VOCAB, transformer_config(cfg, mtp), seed=7)  # other weights
+    engine = DeepSpeedEngine(model, layout_parity.OPTIM, 10, ParallelConfig(engine="deepspeed", zero_stage=2), 2, 1)
+    engine.load(ds_runs / f"{name}-engine")
+    assert (ds_runs / f".tmp-universal-{name}-engine").is_dir()  # converted beside it, never inside it
+    want = dist_checkpointing.load({"model": engine.module.sharded_state_dict()}, str(ds_runs / name))["model"]
+    got = {k: v for k, v in engine.module.state_dict().items() if "_extra_state" not in k}
+    for key, value in got.items():
+        assert torch.equal(value, want[key]), key
+    tokens = layout_parity.global_batch(99, script.N, 2)
+    result = engine.train_step(iter([(tokens, torch.ones_like(tokens, dtype=torch.bool))]), 1, cfg.seq_len, 2)
+    assert result.loss == result.loss and result.grad_norm > 0
