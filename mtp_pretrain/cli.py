@@ -152,5 +152,32 @@ def export(argv: list[str] | None = None) -> None:
     print(f"exported {a.checkpoint} to {out}")
 
 
+def submit(argv: list[str] | None = None) -> None:
+    """mtp-submit [--dry-run] [slurm.KEY=VALUE ...] [training overrides ...]: one SLURM job (see slurm.py)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from mtp_pretrain.slurm import SlurmConfig, SubmitError, sbatch_script
+    from mtp_pretrain.slurm import submit as sbatch_submit
+
+    p = argparse.ArgumentParser(prog="mtp-submit", description=submit.__doc__)
+    p.add_argument("--dry-run", action="store_true", help="write <run_dir>/slurm/job.sbatch, do not submit")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    slurm_args = [o.removeprefix("slurm.") for o in a.overrides if o.startswith("slurm.")]
+    train_args = [o for o in a.overrides if not o.startswith("slurm.")]
+    try:
+        register_configs()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            cfg = to_config(compose(config_name="train", overrides=train_args))  # the job's config, checked now
+        slurm = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SlurmConfig), OmegaConf.from_dotlist(slurm_args)))
+        run_dir = Path(cfg.trainer.run_dir).resolve()
+        script = sbatch_script(slurm, run_dir, train_args, cfg.trainer.stop_file)  # type: ignore[arg-type]
+        print(sbatch_submit(script, run_dir, dry_run=a.dry_run))
+    except (ValueError, SubmitError, KeyError) as e:
+        print(f"mtp-submit: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":  # dist_checkpointing's helper process re-imports __main__: keep this guard
     train()

@@ -1,0 +1,101 @@
+"""SLURM submission: the resolved Hydra config -> one sbatch script -> ``sbatch``.
+
+The job runs ``srun torchrun --nnodes=$SLURM_NNODES --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:PORT``
+(one torchrun per node, MASTER_ADDR = the first host of the allocation) with ``python -m mtp_pretrain.cli``
+and the same overrides, into one run directory; ``trainer.resume=auto`` makes every (re)start continue
+from the newest valid checkpoint, and the wandb run id is kept in the run directory.
+
+Preemption: SLURM sends SIGUSR1 to the batch shell ``signal_seconds`` before the time limit
+(``--signal=B:USR1@N``). torchrun does not forward SIGUSR1 to its workers, so the script's trap creates the
+trainer's stop file (``<run_dir>/STOP``, see mtp_pretrain/preemption.py): every rank saves at the next step
+boundary and exits 75; the script then ``scontrol requeue``s the job (at most ``max_requeues`` times).
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class SlurmConfig:
+    nodes: int = 1
+    procs_per_node: int = 1  # training processes per node (= GPUs per node on GPU clusters)
+    gpus_per_node: int = 0  # --gpus-per-node; 0 on CPU clusters
+    cpus_per_task: int = 2  # one task (torchrun) per node: CPUs for all its processes
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "01:00:00"
+    job_name: str = "mtp-pretrain"
+    port: int = 29500  # rendezvous port on the first node
+    signal_seconds: int = 120  # USR1 this long before the time limit: save and requeue
+    max_requeues: int = 3
+    setup: str = "source .venv/bin/activate"  # run before training (modules, venv, NCCL env, ...)
+    extra_sbatch: list[str] = field(default_factory=list)  # more "#SBATCH" lines, e.g. ["--exclusive"]
+
+
+class SubmitError(RuntimeError):
+    """The job cannot be submitted (no sbatch, bad request); the message says what to do."""
+
+
+def sbatch_script(s: SlurmConfig, run_dir: Path, overrides: list[str], stop_file: str = "STOP") -> str:
+    """The batch script for these Hydra ``overrides`` (run_dir is absolute; logs go to run_dir/slurm/)."""
+    if s.nodes < 1 or s.procs_per_node < 1:
+        raise SubmitError(f"slurm.nodes={s.nodes} and slurm.procs_per_node={s.procs_per_node} must be >= 1")
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={s.job_name}", f"#SBATCH --nodes={s.nodes}", "#SBATCH --ntasks-per-node=1",
+             f"#SBATCH --cpus-per-task={s.cpus_per_task}", f"#SBATCH --time={s.time}",
+             f"#SBATCH --output={run_dir}/slurm/%x-%j.out", "#SBATCH --open-mode=append",
+             f"#SBATCH --signal=B:USR1@{s.signal_seconds}", "#SBATCH --requeue"]  # fmt: skip
+    for key in ("partition", "account", "qos"):
+        if getattr(s, key):
+            lines.append(f"#SBATCH --{key}={getattr(s, key)}")
+    if s.gpus_per_node:
+        lines.append(f"#SBATCH --gpus-per-node={s.gpus_per_node}")
+    lines += [f"#SBATCH {x}" for x in s.extra_sbatch]
+    args = " ".join(shlex.quote(o) for o in [*overrides, f"trainer.run_dir={run_dir}", "trainer.resume=auto"])
+    stop = shlex.quote(str(run_dir / stop_file)) if stop_file else "/dev/null"
+    lines += [
+        "",
+        "set -u",
+        f"cd {shlex.quote(str(REPO))}",
+        s.setup,
+        'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        "RESTARTS=${SLURM_RESTART_COUNT:-0}",
+        'echo "job $SLURM_JOB_ID on $SLURM_NNODES node(s), restart $RESTARTS, master $MASTER_ADDR"',
+        "preempted() {  # SLURM's warning before the time limit: save at the next step, then requeue",
+        f"  touch {stop}",
+        "}",
+        "trap preempted USR1",
+        f"srun --kill-on-bad-exit=1 python -m torch.distributed.run --nnodes=$SLURM_NNODES "
+        f"--nproc-per-node={s.procs_per_node} --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:{s.port} "
+        f"--rdzv-id=$SLURM_JOB_ID -m mtp_pretrain.cli {args} &",
+        "PID=$!",
+        'while true; do wait "$PID"; RC=$?; kill -0 "$PID" 2>/dev/null || break; done  # a trap interrupts wait',
+        f'if [ "$RC" -eq 75 ] && [ "$RESTARTS" -lt {s.max_requeues} ]; then',
+        '  echo "saved after a stop request: requeueing"; scontrol requeue "$SLURM_JOB_ID"; exit 0',
+        "fi",
+        'exit "$RC"',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def submit(script: str, run_dir: Path, dry_run: bool = False) -> str:
+    """Write ``run_dir/slurm/job.sbatch`` and submit it; returns sbatch's answer (or the path if dry_run)."""
+    path = run_dir / "slurm" / "job.sbatch"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    if dry_run:
+        return str(path)
+    if shutil.which("sbatch") is None:
+        raise SubmitError("sbatch not found: run mtp-submit on a SLURM login node (or --dry-run to only write the script)")
+    proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise SubmitError(f"sbatch refused the job: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout.strip()
