@@ -8,7 +8,8 @@ from the newest valid checkpoint, and the wandb run id is kept in the run direct
 Preemption: SLURM sends SIGUSR1 to the batch shell ``signal_seconds`` before the time limit
 (``--signal=B:USR1@N``). torchrun does not forward SIGUSR1 to its workers, so the script's trap creates the
 trainer's stop file (``<run_dir>/STOP``, see mtp_pretrain/preemption.py): every rank saves at the next step
-boundary and exits 75; the script then ``scontrol requeue``s the job (at most ``max_requeues`` times).
+boundary, removes the stop file and exits 75; seeing the file gone, the script ``scontrol requeue``s the job
+(at most ``max_requeues`` times).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+LOCAL_ADDR = ' --local-addr=$(hostname -I | cut -d" " -f1)'
 
 
 @dataclass
@@ -38,6 +40,9 @@ class SlurmConfig:
     max_requeues: int = 3
     setup: str = "source .venv/bin/activate"  # run before training (modules, venv, NCCL env, ...)
     extra_sbatch: list[str] = field(default_factory=list)  # more "#SBATCH" lines, e.g. ["--exclusive"]
+    # torchrun advertises its host name to the other nodes; where that name does not resolve to a reachable
+    # address (containers, network namespaces), advertise the node's first IP instead (--local-addr)
+    local_addr_from_ip: bool = False
 
 
 class SubmitError(RuntimeError):
@@ -68,16 +73,25 @@ def sbatch_script(s: SlurmConfig, run_dir: Path, overrides: list[str], stop_file
         'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         "RESTARTS=${SLURM_RESTART_COUNT:-0}",
         'echo "job $SLURM_JOB_ID on $SLURM_NNODES node(s), restart $RESTARTS, master $MASTER_ADDR"',
+        "PREEMPTED=0",
         "preempted() {  # SLURM's warning before the time limit: save at the next step, then requeue",
-        f"  touch {stop}",
+        f"  PREEMPTED=1; touch {stop}",
         "}",
         "trap preempted USR1",
-        f"srun --kill-on-bad-exit=1 python -m torch.distributed.run --nnodes=$SLURM_NNODES "
-        f"--nproc-per-node={s.procs_per_node} --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:{s.port} "
-        f"--rdzv-id=$SLURM_JOB_ID -m mtp_pretrain.cli {args} &",
+        "export MASTER_ADDR",
+        # one torchrun per node; bash -c so that per-node values expand on that node
+        "srun --kill-on-bad-exit=1 bash -c " + shlex.quote(
+            f"exec python -m torch.distributed.run --nnodes=$SLURM_NNODES --nproc-per-node={s.procs_per_node} "
+            f"--rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:{s.port} --rdzv-id=$SLURM_JOB_ID "
+            # the first node hosts the rendezvous store: said outright, not guessed from host names
+            '--rdzv-conf=is_host=$([ "$SLURM_NODEID" = 0 ] && echo true || echo false)'
+            + (LOCAL_ADDR if s.local_addr_from_ip else "") + f" -m mtp_pretrain.cli {args}"
+        ) + " &",
         "PID=$!",
         'while true; do wait "$PID"; RC=$?; kill -0 "$PID" 2>/dev/null || break; done  # a trap interrupts wait',
-        f'if [ "$RC" -eq 75 ] && [ "$RESTARTS" -lt {s.max_requeues} ]; then',
+        # the trainer removes the stop file once its checkpoint is written (torchrun reports the workers'
+        # exit status 75 as a plain failure, so that file is the signal that the stop was clean)
+        f'if [ "$PREEMPTED" = 1 ] && [ ! -e {stop} ] && [ "$RESTARTS" -lt {s.max_requeues} ]; then',
         '  echo "saved after a stop request: requeueing"; scontrol requeue "$SLURM_JOB_ID"; exit 0',
         "fi",
         'exit "$RC"',

@@ -16,9 +16,10 @@ def test_script_runs_torchrun_per_node_and_requeues_after_a_stop(tmp_path):
     for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=4",
                  "#SBATCH --partition=gpu", "#SBATCH --signal=B:USR1@300", "#SBATCH --requeue", "#SBATCH --exclusive",
                  f"#SBATCH --output={tmp_path}/run/slurm/%x-%j.out", "trap preempted USR1",
-                 f"touch {tmp_path}/run/STOP", '"$RESTARTS" -lt 2']:  # fmt: skip
+                 f"touch {tmp_path}/run/STOP", '"$RESTARTS" -lt 2', f"[ ! -e {tmp_path}/run/STOP ]"]:  # fmt: skip
         assert line in script, line
     assert "--nnodes=$SLURM_NNODES --nproc-per-node=4 --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500" in script
+    assert "srun --kill-on-bad-exit=1 bash -c 'exec python -m torch.distributed.run" in script
     assert f"mtp=n4 model=small trainer.run_dir={tmp_path}/run trainer.resume=auto" in script
     assert "#SBATCH --account" not in script and "#SBATCH --qos" not in script
     with pytest.raises(SubmitError, match="slurm.nodes=0"):
