@@ -165,24 +165,23 @@ class Checkpointer:
         return None
 
     @staticmethod
-    def checked(ckpt: Path) -> Path:
-        """``ckpt`` if it is a complete checkpoint (see :func:`verify`), else CheckpointError."""
+    def checked(ckpt: Path) -> dict:
+        """The metadata of ``ckpt`` if it is a complete checkpoint (see :func:`verify`), else CheckpointError."""
         if not ckpt.is_dir():
             raise CheckpointError(f"checkpoint {ckpt} does not exist (give a step_XXXXXXXX directory)")
-        verify(ckpt)
-        return ckpt
+        return verify(ckpt)
 
     @staticmethod
     def read_common(ckpt: Path) -> dict:
         """The state shared by all ranks (trainer.pt) of a verified checkpoint; tensors and plain data only."""
-        verify(Checkpointer.checked(ckpt))
+        Checkpointer.checked(ckpt)
         return torch.load(ckpt / "trainer.pt", weights_only=True)
 
     @staticmethod
     def load(ckpt: Path) -> tuple[dict, dict | None]:
         """(common state, this rank's state or None if the world size changed) of a verified checkpoint;
         the engine loads its own files (``engine.load(ckpt)``)."""
-        meta = verify(Checkpointer.checked(ckpt))
+        meta = Checkpointer.checked(ckpt)
         common = torch.load(ckpt / "trainer.pt", weights_only=True)
         rank_file = ckpt / f"rank_{rank():05d}.pt"
         per_rank = torch.load(rank_file, weights_only=True) if meta["world_size"] == world_size() else None

@@ -181,11 +181,9 @@ class Trainer:
         saved = from_yaml(common["config"])
         bad = finetune_mismatches(saved, self.cfg) if finetune else shape_mismatches(saved, self.cfg)
         if bad:
-            hint = (
-                "" if finetune else
-                "; to start a run with another mtp.n from these weights use trainer.init_from=<checkpoint> "
-                "in a new run_dir" if saved.mtp.n != self.cfg.mtp.n else ""
-            )  # fmt: skip
+            hint = ""
+            if not finetune and saved.mtp.n != self.cfg.mtp.n:
+                hint = "; to start a run with another mtp.n from these weights use trainer.init_from=<checkpoint> in a new run_dir"
             raise CheckpointError(f"{ckpt} does not fit this model: {'; '.join(bad)}{hint}")
         return common
 
@@ -217,7 +215,6 @@ class Trainer:
 
     def _init_from(self, ckpt: Path) -> None:
         """Model weights only (trunk + the first min(n, n_ckpt) heads); step 0, fresh optimizer and data."""
-        ckpt = self.checkpointer.checked(ckpt)
         common = self._read_compatible(ckpt, finetune=True)
         n_old = from_yaml(common["config"]).mtp.n
         self.engine.load_model_weights(ckpt, keep=lambda key: not _is_head_beyond(key, n_old))

@@ -41,12 +41,12 @@ _TAG = "state"  # one DeepSpeed tag per checkpoint directory: <ckpt>/deepspeed/s
 class MegatronMpu:
     """What DeepSpeed asks a model-parallel unit for, answered by megatron's parallel_state."""
 
-    get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
-    get_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
-    get_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
-    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
-    get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
-    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    # DeepSpeed asks for the "model parallel" group by both names: it is the tensor-parallel one
+    get_model_parallel_rank = get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_model_parallel_world_size = get_tensor_model_parallel_world_size = staticmethod(
+        parallel_state.get_tensor_model_parallel_world_size
+    )
+    get_model_parallel_group = get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
     get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
     get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
     get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
@@ -122,7 +122,6 @@ class DeepSpeedEngine:
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.config, mpu=MegatronMpu(), dist_init_required=False
         )
-        self.zero_stage = parallel.zero_stage
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr, lr_warmup_steps=optim.warmup_steps,
             lr_decay_steps=max(total_steps, optim.warmup_steps + 1), lr_decay_style="cosine",
@@ -138,6 +137,8 @@ class DeepSpeedEngine:
         return self.ds(*(t.to(dev, non_blocking=True) for t in batch))
 
     def train_step(self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int) -> StepResult:
+        if self.ds.gradient_accumulation_steps() != num_microbatches:
+            raise ValueError(f"{num_microbatches} micro-batches, DeepSpeed was set up for {self.ds.gradient_accumulation_steps()}")
         self.ds.train()
         outputs = []
         for m in range(num_microbatches):
@@ -146,8 +147,6 @@ class DeepSpeedEngine:
             self.ds.backward(loss)  # once per micro-batch (scaled by 1/grad_accum inside)
             if m < num_microbatches - 1:
                 self.ds.step()  # DeepSpeed counts micro-steps here; it updates only at the boundary (the last)
-        if self.ds.gradient_accumulation_steps() != num_microbatches:
-            raise ValueError(f"{num_microbatches} micro-batches, DeepSpeed was set up for {self.ds.gradient_accumulation_steps()}")
         loss, stats = reduce_outputs(outputs)
         if any_rank(not all(torch.isfinite(o["loss"]).item() for o in outputs)):
             raise NonFiniteLossError(

@@ -9,12 +9,11 @@ the final model (gathered under ZeRO-3) saved with dist_checkpointing (OUT_DIR/<
 can load it into a TP1 model and compare every parameter.
 """
 
-import json
 import sys
 from pathlib import Path
 
 import torch
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from mtp_pretrain import parallel
@@ -22,7 +21,7 @@ from mtp_pretrain.config import MTPConfig, ParallelConfig
 from mtp_pretrain.engine.deepspeed import DeepSpeedEngine
 from mtp_pretrain.model.mtp_model import build_model, transformer_config
 from mtp_pretrain.trainer import head_metrics
-from tests.distributed.layout_parity import MICRO, OPTIM, STEPS, VOCAB, micro_batches, model_cfg
+from tests.distributed.layout_parity import MICRO, OPTIM, STEPS, VOCAB, micro_batches, model_cfg, save_run
 
 N = 4
 RESHARD_SPEC = "2,1"  # ZeRO-2 on 2 ranks: the checkpoint a 1-rank run converts to DeepSpeed's universal format
@@ -43,6 +42,8 @@ def run(zero: int, ga: int, tp: int) -> tuple[list[dict], DeepSpeedEngine]:
 
 
 def main() -> None:
+    import deepspeed  # here, not at import: test_deepspeed.py imports this module for its constants
+
     out = Path(sys.argv[1])
     parallel.init_distributed()
     world = torch.distributed.get_world_size()
@@ -54,26 +55,12 @@ def main() -> None:
         model_parallel_cuda_manual_seed(0)
         history, engine = run(zero, ga, tp)
         name = f"zero{zero}-ga{ga}-tp{tp}dp{world // tp}"
-        if torch.distributed.get_rank() == 0:
-            (out / name).mkdir(parents=True, exist_ok=True)
-        torch.distributed.barrier()
-        params = list(engine.module.parameters())
-        if zero == 3:
-            import deepspeed
-
-            gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-        else:
-            import contextlib
-
-            gathered = contextlib.nullcontext()
-        with gathered:
-            dist_checkpointing.save({"model": engine.module.sharded_state_dict()}, str(out / name))
         if spec == RESHARD_SPEC:  # its own checkpoint too: test_deepspeed.py resumes it on one process
             (out / f"{name}-engine").mkdir(exist_ok=True)
             engine.save(out / f"{name}-engine")
-        if parallel.is_logging_rank():
-            (out / f"{name}.json").write_text(json.dumps(history))
-        torch.distributed.barrier()
+        # the model only (DeepSpeed's optimizer state is its own format); ZeRO-3 gathers the partitions first
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None, enabled=zero == 3):
+            save_run(out, name, {"model": engine.module.sharded_state_dict()}, history)
     parallel.destroy_distributed()
 
 

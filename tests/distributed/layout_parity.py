@@ -78,6 +78,17 @@ def run(
     return history, engine
 
 
+def save_run(out: Path, name: str, sharded: dict, history: list[dict]) -> None:
+    """OUT/<name>/ (dist_checkpointing of ``sharded``) and OUT/<name>.json (the logging rank's history)."""
+    if torch.distributed.get_rank() == 0:
+        (out / name).mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(sharded, str(out / name))
+    if parallel.is_logging_rank():
+        (out / f"{name}.json").write_text(json.dumps(history))
+    torch.distributed.barrier()
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     parallel.init_distributed()  # the world; model-parallel groups are rebuilt per layout below
@@ -95,15 +106,8 @@ def main() -> None:
             model_parallel_cuda_manual_seed(0)
             history, engine = run(n, tp, pp, dp, tie=tie, uneven=uneven, vpp=vpp)
             name = f"tp{tp}pp{pp}dp{dp}-n{n}" + "".join(f"-{f}" for f in flags)
-            ckpt = out / name
-            if torch.distributed.get_rank() == 0:
-                ckpt.mkdir(parents=True, exist_ok=True)
-            torch.distributed.barrier()
             # the engine's whole state (model chunks + DistributedOptimizer), as the trainer checkpoints it
-            dist_checkpointing.save(engine.sharded_state_dict(), str(ckpt))
-            if parallel.is_logging_rank():
-                (out / f"{name}.json").write_text(json.dumps(history))
-            torch.distributed.barrier()
+            save_run(out, name, engine.sharded_state_dict(), history)
     parallel.destroy_distributed()
 
 
