@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv train test lint bench-memory bench-data
+.PHONY: venv train test lint bench bench-memory bench-data bench-decode
 venv:
 	@bash tools/bootstrap.sh
 
@@ -16,9 +16,17 @@ test: venv lint
 lint: venv
 	$(VENV)/bin/ruff check mtp_pretrain tools tests
 
+# The benchmark suite: one table of ratios, bench/results.{json,png}, README section (< 15 min on 2 cores).
+bench: venv
+	$(PY) tools/bench.py --readme $(ARGS)
+
 bench-memory: venv
 	$(PY) tools/bench_loss_memory.py
 
 # Data-loader tokens/s (text / pre-tokenized shards, 0-2 workers) vs the default training step's consumption.
 bench-data: venv
 	$(PY) tools/bench_data.py $(ARGS)
+
+# Greedy vs self-speculative decoding of the main job's model (make train first).
+bench-decode: venv
+	$(PY) tools/bench_decode.py $(ARGS)

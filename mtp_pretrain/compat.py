@@ -14,7 +14,7 @@ factory applies to the TransformerConfig.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -182,6 +182,17 @@ def apply() -> None:
 
     # Process-wide: entered once and never exited (the mode stack is per thread; training runs on this one).
     _CudaToCpuMode().__enter__()
+
+
+@contextlib.contextmanager
+def cuda_shims_paused() -> Iterator[None]:
+    """Run a block without the CUDA->CPU TorchFunctionMode, for our own code that never names CUDA (the
+    inference decoder): the mode's Python call on every torch op doubled a small decoder's step time."""
+    if isinstance(torch.overrides._get_current_function_mode(), _CudaToCpuMode):
+        with torch.overrides._pop_mode_temporarily():
+            yield
+    else:
+        yield
 
 
 def apply_deepspeed() -> None:

@@ -38,9 +38,19 @@ class ModelConfig:
 @dataclass
 class MTPConfig:
     n: int = 4  # number of heads; n = 1 is plain next-token training
-    loss_weights: list[float] | None = None  # per-head weights; None = all 1.0
+    loss_weights: list[float] | None = None  # per-head weights; None = [1, w, ..., w], w = extra_heads_weight
+    # Weight of heads 2..n relative to head 1 when loss_weights is not given. The paper sums the heads
+    # (1.0); DeepSeek-V3 (megatron's mtp_loss_scaling_factor) uses 0.1-0.3. Small models need it low:
+    # see conf/train.yaml.
+    extra_heads_weight: float = 1.0
     memory_efficient: bool = True  # per-head forward/backward on the detached trunk output
     chunk_size: int = 0  # > 0: unembedding + CE in sequence chunks of this length
+
+    def weights(self) -> list[float]:
+        """The loss weight of every head."""
+        if self.loss_weights is not None:
+            return list(self.loss_weights)
+        return [1.0] + [self.extra_heads_weight] * (self.n - 1)
 
 
 @dataclass
@@ -188,6 +198,7 @@ def validate(cfg: Config) -> None:
             f"mtp.loss_weights has {len(mtp.loss_weights)} entries but mtp.n={mtp.n}; give one weight per head",
         )
         _require(all(w >= 0 for w in mtp.loss_weights), "mtp.loss_weights must be >= 0")
+    _require(mtp.extra_heads_weight >= 0, f"mtp.extra_heads_weight={mtp.extra_heads_weight} must be >= 0")
     _require(mtp.chunk_size >= 0, f"mtp.chunk_size={mtp.chunk_size} must be >= 0 (0 = no chunking)")
     _require(m.seq_len >= 1, f"model.seq_len={m.seq_len} must be >= 1")
     for key, value in [

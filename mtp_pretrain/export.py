@@ -28,6 +28,8 @@ from tokenizers import Tokenizer
 
 from mtp_pretrain.config import Config, ffn_hidden_size, from_yaml
 
+MTP_PREFIX = "mtp_heads."  # heads 2..n, kept out of the plain Llama's model.safetensors
+MTP_FILE = "mtp_heads.safetensors"
 LAYER_KEYS = {  # megatron name (below decoder.layers / heads.layers.<i>) -> Llama name (below model.layers.<j>)
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
@@ -79,14 +81,15 @@ def _layer(get, prefix: str, cfg: Config) -> dict[str, torch.Tensor]:
     return {name: t.contiguous().clone() for name, t in out.items()}
 
 
-def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
-    """Write the Llama directory for checkpoint ``ckpt`` into ``out_dir``; returns ``out_dir``."""
+def checkpoint_as_llama(ckpt: str | Path) -> tuple[dict, dict[str, torch.Tensor], str]:
+    """(Llama config, tensors, tokenizer JSON) of checkpoint ``ckpt``, gathered from any layout into this
+    process. Tensors use the Llama names; heads 2..n are ``mtp_heads.<k>.<layer name>``, k = 1..n-1."""
     from megatron.core.dist_checkpointing.serialization import load_plain_tensors
 
     from mtp_pretrain import parallel
     from mtp_pretrain.checkpoint import Checkpointer, CheckpointError
 
-    ckpt, out = Path(ckpt), Path(out_dir)
+    ckpt = Path(ckpt)
     common = Checkpointer.read_common(ckpt)
     if "tokenizer_json" not in common:
         raise CheckpointError(f"{ckpt} holds no tokenizer (written by an older version); re-save it")
@@ -109,20 +112,25 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
     tensors["model.norm.weight"] = plain["heads.final_layernorm.weight"].clone()
     if not cfg.model.tie_embeddings:
         tensors["lm_head.weight"] = plain["output_layer.weight"][:vocab_size].clone()
-    extra = {
-        f"mtp_heads.{k}.{name}": t
-        for k in range(1, cfg.mtp.n)
-        for name, t in _layer(head_get, f"heads.layers.{k}.", cfg).items()
-    }
+    for k in range(1, cfg.mtp.n):
+        for name, t in _layer(head_get, f"heads.layers.{k}.", cfg).items():
+            tensors[f"{MTP_PREFIX}{k}.{name}"] = t
+    return llama_config(cfg, vocab_size), tensors, common["tokenizer_json"]
 
+
+def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
+    """Write the Llama directory for checkpoint ``ckpt`` into ``out_dir``; returns ``out_dir``."""
+    config, tensors, tokenizer_json = checkpoint_as_llama(ckpt)
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    extra = {name: tensors.pop(name) for name in [n for n in tensors if n.startswith(MTP_PREFIX)]}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     if extra:
-        save_file(extra, str(out / "mtp_heads.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(llama_config(cfg, vocab_size), indent=2))
-    (out / "tokenizer.json").write_text(common["tokenizer_json"])
+        save_file(extra, str(out / MTP_FILE), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "tokenizer.json").write_text(tokenizer_json)
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>",
-        "pad_token": "<|pad|>", "model_max_length": cfg.model.seq_len,
+        "pad_token": "<|pad|>", "model_max_length": config["max_position_embeddings"],
     }, indent=2))  # fmt: skip
     return out

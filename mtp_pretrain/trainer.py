@@ -265,7 +265,7 @@ class Trainer:
         if stats is None:
             return {}
         m = head_metrics(stats, 0.0)
-        weights = self.cfg.mtp.loss_weights or [1.0] * self.cfg.mtp.n
+        weights = self.cfg.mtp.weights()
         m["loss"] = sum(w * m[f"loss/head{i}"] for i, w in enumerate(weights, start=1))
         return m
 

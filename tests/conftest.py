@@ -1,10 +1,21 @@
-"""Shared fixtures: one private world-of-one process group per pytest process (gloo on CPU)."""
+"""Shared fixtures: one private world-of-one process group per pytest process (gloo on CPU), corpora, and
+one small trained n=4 model for the inference tests and tools."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
 from mtp_pretrain import parallel
 from mtp_pretrain.config import ModelConfig, MTPConfig
+
+if TYPE_CHECKING:  # imported lazily below: the trainer pulls in megatron
+    from mtp_pretrain.inference.weights import LoadedModel
+    from mtp_pretrain.trainer import Trainer
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +75,30 @@ def tiny_run_overrides(source, cache, run_dir, **extra) -> list[str]:
     }  # fmt: skip
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+@dataclass
+class TrainedRun:
+    trainer: Trainer
+    checkpoint: Path
+    loaded: LoadedModel
+
+
+@pytest.fixture(scope="session")
+def mtp_run(dist_world, synthetic_source, tmp_path_factory) -> TrainedRun:
+    """L=5 (trunk 1 + 4 heads), GQA 4:2, trained on the synthetic corpus long enough that the extra heads
+    draft well (its code is repetitive), so decoding meets accepted and rejected drafts alike."""
+    tmp = tmp_path_factory.mktemp("mtp_run")
+    overrides = tiny_run_overrides(
+        synthetic_source, tmp / "cache", tmp / "run",
+        **{"model.num_layers": 5, "model.hidden_size": 64, "model.num_attention_heads": 4,
+           "model.num_query_groups": 2, "model.seq_len": 48, "mtp.n": 4, "trainer.steps": 60,
+           "trainer.micro_batch_size": 8, "trainer.val_every": 60, "trainer.save_every": 60,
+           "optim.warmup_steps": 5, "data.mask_doc_boundaries": "true"},
+    )  # fmt: skip
+    from mtp_pretrain.inference.weights import load_model
+    from mtp_pretrain.trainer import Trainer
+
+    trainer = Trainer(compose_config(*overrides))
+    result = trainer.fit()
+    return TrainedRun(trainer, result.checkpoint, load_model(result.checkpoint))

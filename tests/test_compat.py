@@ -64,6 +64,15 @@ def test_tensor_type_reports_the_cuda_name(dist_world):
     assert converted.dtype == torch.float64 and converted.device.type == "cpu"
 
 
+def test_shims_pause_for_code_that_never_names_cuda(dist_world):
+    t = torch.zeros(2)
+    with compat.cuda_shims_paused():
+        assert t.type() == "torch.FloatTensor"  # the mode is off inside
+        with compat.cuda_shims_paused():  # nested: still off, and the outer exit restores it once
+            assert t.type() == "torch.FloatTensor"
+    assert t.type() == "torch.cuda.FloatTensor"
+
+
 def test_stream_and_sync_stand_ins(dist_world):
     torch.cuda.synchronize()
     stream = torch.cuda.current_stream()

@@ -35,6 +35,15 @@ def test_overrides_reach_the_dataclass():
     assert (cfg.mtp.n, cfg.mtp.loss_weights, cfg.trainer.steps, cfg.model.seq_len) == (2, [1.0, 0.5], 7, 32)
 
 
+def test_head_weights_default_to_the_demo_rule_and_follow_n():
+    """The CPU demo weights heads 2..n 0.1 (conf/train.yaml); any mtp.n composes; loss_weights win."""
+    assert compose_config().mtp.weights() == [1.0, 0.1, 0.1, 0.1]
+    assert compose_config("mtp.n=2").mtp.weights() == [1.0, 0.1]
+    assert compose_config("mtp=n1").mtp.weights() == [1.0]
+    assert compose_config("mtp.extra_heads_weight=1.0").mtp.weights() == [1.0] * 4  # the paper's sum
+    assert compose_config("mtp.n=2", "mtp.loss_weights=[1.0,0.5]").mtp.weights() == [1.0, 0.5]
+
+
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
@@ -50,6 +59,7 @@ def test_overrides_reach_the_dataclass():
         (["mtp.loss_weights=[1.0,1.0]"], "mtp.loss_weights"),  # 2 weights, n=4
         (["mtp.n=2", "mtp.loss_weights=[1.0,1.0,1.0]"], "mtp.loss_weights"),
         (["mtp.chunk_size=-1"], "mtp.chunk_size"),
+        (["mtp.extra_heads_weight=-0.5"], "mtp.extra_heads_weight"),
         (["logging.wandb_mode=sometimes"], "logging.wandb_mode"),
         (["trainer.steps=0"], "trainer.steps"),
         (["trainer.micro_batch_size=0"], "trainer.micro_batch_size"),

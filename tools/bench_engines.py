@@ -27,6 +27,7 @@ import re  # noqa: E402
 import subprocess  # noqa: E402
 
 import torch  # noqa: E402
+from benchlib import add_shape_args, bench_model, random_step  # noqa: E402
 
 N = 4
 CONFIGS = ["megatron", "zero1", "zero2", "zero3"]
@@ -54,19 +55,12 @@ def _peak() -> int:
 def _measure(name: str, args: argparse.Namespace) -> float:
     from megatron.core import parallel_state
 
-    from mtp_pretrain.config import ModelConfig, MTPConfig, OptimConfig, ParallelConfig
+    from mtp_pretrain.config import OptimConfig, ParallelConfig
     from mtp_pretrain.engine.deepspeed import DeepSpeedEngine
     from mtp_pretrain.engine.megatron import MegatronEngine
-    from mtp_pretrain.model.mtp_model import build_model, transformer_config
 
     base = _reset_peak()
-    cfg = ModelConfig(preset="bench", num_layers=args.trunk_layers + N, hidden_size=args.hidden,
-                      num_attention_heads=args.heads, seq_len=args.seq)  # fmt: skip
-    mtp = MTPConfig(n=N, memory_efficient=name != "zero3")
-    tconf = transformer_config(cfg, mtp)
-    model = build_model(cfg, mtp, args.vocab, tconf)
-    if torch.cuda.is_available():
-        model.cuda()
+    _, _, tconf, model = bench_model(args, N, memory_efficient=name != "zero3")
     optim = OptimConfig(warmup_steps=1)
     if name == "megatron":
         engine = MegatronEngine(model, tconf, optim, 100)
@@ -74,8 +68,7 @@ def _measure(name: str, args: argparse.Namespace) -> float:
         engine = DeepSpeedEngine(model, optim, 100, ParallelConfig(engine="deepspeed", zero_stage=int(name[-1])), args.batch, 1)
     g = torch.Generator().manual_seed(parallel_state.get_data_parallel_rank())
     for _ in range(args.steps):
-        tokens = torch.randint(0, args.vocab, (args.batch, args.seq + N), generator=g)
-        engine.train_step(iter([(tokens, torch.ones_like(tokens, dtype=torch.bool))]), 1, args.seq, args.batch)
+        random_step(engine, args, args.seq + N, generator=g)
     peak = _peak() - base
     del engine, model
     gc.collect()
@@ -85,12 +78,7 @@ def _measure(name: str, args: argparse.Namespace) -> float:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--trunk-layers", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=2)
+    add_shape_args(p, hidden=512, heads=8, trunk_layers=2, seq=128, batch=2, vocab=32768)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--json", help="write the table here")

@@ -23,14 +23,14 @@ if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # must be set before th
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
+import json  # noqa: E402
 import re  # noqa: E402
-from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from benchlib import add_shape_args, bench_model  # noqa: E402
 
 from mtp_pretrain import parallel  # noqa: E402
-from mtp_pretrain.config import ModelConfig, MTPConfig  # noqa: E402
-from mtp_pretrain.model.mtp_model import build_model, transformer_config  # noqa: E402
 
 
 def _status_kib(field: str) -> int:
@@ -60,11 +60,6 @@ def measure_step_peak(model: torch.nn.Module, tokens: torch.Tensor) -> int:
 
 def run(args: argparse.Namespace) -> list[dict]:
     parallel.init_distributed()
-    trunk_layers = args.trunk_layers
-    base = ModelConfig(
-        preset="bench", num_layers=trunk_layers + 1, hidden_size=args.hidden,
-        num_attention_heads=args.heads, seq_len=args.seq,
-    )  # fmt: skip
     modes = {
         "naive": dict(memory_efficient=False),
         "efficient": dict(memory_efficient=True),
@@ -75,9 +70,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     for n in args.n:
         for mode, kw in modes.items():
             torch.manual_seed(0)
-            cfg = replace(base, num_layers=trunk_layers + n)
-            mtp = MTPConfig(n=n, **kw)
-            model = build_model(cfg, mtp, args.vocab, transformer_config(cfg, mtp)).to(dev)
+            _, _, _, model = bench_model(args, n, **kw)
             tokens = torch.randint(0, args.vocab, (args.batch, args.seq + n), device=dev)
             model(tokens)[0].backward()  # warm-up: allocates every .grad
             peak = min(measure_step_peak(model, tokens) for _ in range(args.repeat))
@@ -102,18 +95,17 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--trunk-layers", type=int, default=2)
+    add_shape_args(p, hidden=256, heads=4, trunk_layers=2, seq=512, batch=4, vocab=32768)
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--n", type=int, nargs="+", default=[1, 4])
     p.add_argument("--repeat", type=int, default=2, help="measurements per row; the minimum is kept")
+    p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     rows = run(args)
     print_table(rows, args)
+    if args.json:
+        shape = {k: getattr(args, k) for k in ("vocab", "seq", "batch", "hidden", "heads", "trunk_layers", "chunk")}
+        Path(args.json).write_text(json.dumps({"shape": shape, "rows": rows}, indent=1) + "\n")
     return rows
 
 

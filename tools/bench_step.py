@@ -11,50 +11,36 @@ the FLOP ratio: 1.0 means the extra heads cost exactly their FLOPs; the target i
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
-from megatron.core import parallel_state
+from benchlib import add_shape_args, bench_model, random_step
 
 
 def _engine(n: int, args: argparse.Namespace):
-    from mtp_pretrain.config import ModelConfig, MTPConfig, OptimConfig
+    from mtp_pretrain.config import OptimConfig
     from mtp_pretrain.engine.megatron import MegatronEngine
-    from mtp_pretrain.model.mtp_model import build_model, transformer_config
 
-    cfg = ModelConfig(
-        preset="bench", num_layers=args.trunk_layers + n, hidden_size=args.hidden,
-        num_attention_heads=args.heads, seq_len=args.seq,
-    )  # fmt: skip
-    mtp = MTPConfig(n=n, chunk_size=args.chunk)
-    tconf = transformer_config(cfg, mtp, tp=args.tp, pp=args.pp, bf16=args.bf16)
-    model = build_model(
-        cfg, mtp, args.vocab, tconf,
-        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
-    )  # fmt: skip
-    if torch.cuda.is_available():
-        model.cuda()
+    cfg, _, tconf, model = bench_model(args, n, bf16=args.bf16, chunk_size=args.chunk)
     return cfg, MegatronEngine(model, tconf, OptimConfig(), 1000, bf16=args.bf16)
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--trunk-layers", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=8192)
+    add_shape_args(p, hidden=256, heads=4, trunk_layers=4, seq=256, batch=8, vocab=8192)
     p.add_argument("--chunk", type=int, default=0)
     p.add_argument("--steps", type=int, default=6, help="timed steps per n (after 2 warm-up steps)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--world-size", type=int, default=1, help="re-launch under torchrun with this many processes")
+    p.add_argument("--json", help="also write the numbers here (rank 0)")
     args = p.parse_args(argv)
     if args.world_size > 1 and "RANK" not in os.environ:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.world_size}",
@@ -70,12 +56,10 @@ def main(argv: list[str] | None = None) -> dict:
     times: dict[int, list[float]] = {1: [], 4: []}
     for i in range(args.steps + 2):
         for n, (_cfg, engine) in setups.items():
-            tokens = torch.randint(0, args.vocab, (args.batch, args.seq + n), device=dev)
-            batch = iter([(tokens, torch.ones_like(tokens, dtype=torch.bool))])
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            engine.train_step(batch, 1, args.seq, args.batch)
+            random_step(engine, args, args.seq + n)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             if i >= 2:
@@ -96,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{n:>3} {step[n]:>9.3f} {result['tokens_per_s'][n]:>10.0f} {flops[n] / 1e9:>12.4f}")
         print(f"time ratio n4/n1 {result['time_ratio']:.3f} | FLOP ratio {result['flop_ratio']:.3f} | "
               f"time/FLOP ratio {result['time_over_flops']:.3f} (target <= 1.05)")  # fmt: skip
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     parallel.destroy_distributed()
     return result
 

@@ -233,7 +233,7 @@ def build_model(
         post_process=post_process,
         tie_embeddings=model.tie_embeddings,
         rotary_base=model.rotary_base,
-        loss_weights=mtp.loss_weights,
+        loss_weights=mtp.weights(),
         chunk_size=mtp.chunk_size,
         memory_efficient=mtp.memory_efficient,
         vp_stage=vp_stage,

@@ -86,3 +86,21 @@ def test_resume_with_another_dp_size_redeals_the_data(dist_world, runs, syntheti
     assert len(plans) == 2 and all(p for p in plans)  # both new readers got a share of the rest of the epoch
     result = trainer.fit()
     assert result.step == script.STEPS and all(x == x for x in result.losses)  # trains on (no NaN)
+
+
+def test_generation_gathers_a_tp2pp2_checkpoint_into_one_process(dist_world, runs, synthetic_source):
+    """mtp-generate's loader reads a TP2 x PP2 checkpoint directly: its decoder's logits, every head, equal
+    those of the training model re-sharded into this process by dist_checkpointing."""
+    import torch
+
+    from mtp_pretrain.inference.weights import load_model
+
+    out, _ = runs
+    step3 = out / "tp2pp2" / "checkpoints" / f"step_{script.RESUME_AT:08d}"
+    cfg = compose_config(*script.overrides(synthetic_source, out / "cache", out / "tp2pp2-gen", **{"trainer.resume": step3}))
+    model = Trainer(cfg).engine.module.eval()
+    decoder = load_model(step3).decoder
+    tokens = torch.randint(2, decoder.cfg.vocab_size, (2, decoder.cfg.context), generator=torch.Generator().manual_seed(0))
+    ours = decoder(tokens)
+    for i, theirs in enumerate(model.head_logits(tokens)):
+        torch.testing.assert_close(ours[i], theirs.transpose(0, 1)[..., : decoder.cfg.vocab_size], rtol=1e-4, atol=1e-4)

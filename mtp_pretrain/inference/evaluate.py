@@ -1,0 +1,109 @@
+"""`mtp-eval`: per-head held-out loss, perplexity and top-1 accuracy, and self-speculative acceptance.
+
+The held-out data are the run's validation shards (read as the trainer's validation does: from the start,
+unshuffled, the same packing and target masks), or any shards given. Head i's loss at position t is the
+cross-entropy of token t+i, averaged over valid targets, exactly the training loss's definition
+(tests/inference/test_evaluate.py checks it against the trainer's own validation numbers).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mtp_pretrain.checkpoint import Checkpointer
+from mtp_pretrain.config import from_yaml
+from mtp_pretrain.data.shards import check_shard_tokenizer
+from mtp_pretrain.data.stream import Dataset, PackedBatchStream, target_mask
+from mtp_pretrain.data.tokenizer import pad_id
+from mtp_pretrain.inference.generate import generate
+from mtp_pretrain.inference.weights import LoadedModel
+from mtp_pretrain.loss import HeadTargets
+
+
+def run_validation_data(model: LoadedModel) -> tuple[list[Dataset], bool, str]:
+    """(validation datasets, mask_doc_boundaries, text_field) recorded in a training checkpoint's config."""
+    if not (model.source / "mtp_checkpoint.json").is_file():
+        raise ValueError(f"{model.source} is an export: name the held-out shards with --data")
+    cfg = from_yaml(Checkpointer.read_common(model.source)["config"])
+    d = cfg.data
+    if d.datasets:
+        if not d.val_urls:
+            raise ValueError("the run had no data.val_urls: name the held-out shards with --data")
+        return [Dataset.of(d.val_urls, name="val")], d.mask_doc_boundaries, d.text_field
+    from mtp_pretrain.data.corpus import prepare_corpus
+
+    corpus = prepare_corpus(d.source, d.cache_dir, d.vocab_size, d.val_shards, d.docs_per_shard)
+    return [Dataset.of(corpus.val_urls, name="val")], d.mask_doc_boundaries, d.text_field
+
+
+def read_batches(
+    model: LoadedModel, datasets: Sequence[Dataset], batches: int, batch_size: int, text_field: str = "text"
+) -> list[torch.Tensor]:
+    """Up to ``batches`` packed [batch_size, context + n] batches of the data, read from the start in order
+    (as the trainer's validation reads them); pre-tokenized shards must be of the model's tokenizer."""
+    n, seq = model.decoder.cfg.mtp_heads, model.decoder.cfg.context
+    with tempfile.TemporaryDirectory() as tmp:  # the streams read the tokenizer from a file
+        tok_path = Path(tmp) / "tokenizer.json"
+        tok_path.write_text(model.tokenizer.to_str())
+        for ds in datasets:
+            check_shard_tokenizer(ds.urls, str(tok_path))
+        stream = PackedBatchStream(
+            datasets, tok_path, batch_size, seq + n, seed=0, shuffle_shards=False, loop=False, text_field=text_field
+        )
+        return list(itertools.islice(stream, batches))
+
+
+@torch.no_grad()
+def head_metrics(model: LoadedModel, batches: Sequence[torch.Tensor], mask_doc_boundaries: bool = False) -> dict[str, float]:
+    """{loss,ppl,acc,tokens}/head<i> over packed batches [B, context + n] (see read_batches)."""
+    dec = model.decoder
+    n, seq = dec.cfg.mtp_heads, dec.cfg.context
+    pad = pad_id(model.tokenizer)
+    sums = torch.zeros(n, 3, dtype=torch.float64)  # loss sum, correct, count
+    for tokens in batches:
+        valid, segments = target_mask(tokens, model.eos, pad, mask_doc_boundaries)
+        targets = HeadTargets(tokens, valid, segments)
+        logits = dec(tokens[:, :seq].to(dec.embed.device))  # [n, B, T, V]
+        for i in range(n):
+            tgt, ok = targets.of_head(i, seq)  # [T, B]
+            lg = logits[i].transpose(0, 1).float().cpu()  # [T, B, V]
+            ce = F.cross_entropy(lg.flatten(0, 1), tgt.flatten(), reduction="none").view_as(tgt)
+            sums[i] += torch.stack([(ce * ok).sum(), ((lg.argmax(-1) == tgt) & ok).sum(), ok.sum()]).double()
+    out: dict[str, float] = {}
+    for i in range(n):
+        count = max(float(sums[i, 2]), 1.0)
+        loss = float(sums[i, 0]) / count
+        out |= {f"loss/head{i + 1}": loss, f"ppl/head{i + 1}": math.exp(loss), f"acc/head{i + 1}": float(sums[i, 1]) / count}
+        out[f"tokens/head{i + 1}"] = float(sums[i, 2])
+    return out
+
+
+def acceptance(model: LoadedModel, batches: Sequence[torch.Tensor], prompts: int, prompt_len: int, new_tokens: int) -> dict:
+    """Self-speculative statistics on ``prompts`` held-out prompts (the first ``prompt_len`` tokens of the
+    batches' rows, which start anywhere in a document as training rows do), decoded as one batch, and
+    whether the tokens equal plain greedy decoding's."""
+    rows = [r for b in batches for r in b[:, :prompt_len].tolist()][:prompts]
+    if not rows:
+        return {}
+    spec = generate(model.decoder, rows, new_tokens, eos=model.eos, speculative=True)
+    plain = generate(model.decoder, rows, new_tokens, eos=model.eos, speculative=False)
+    out = spec.stats.as_dict()
+    out["identical_to_greedy"] = spec.tokens == plain.tokens
+    out["greedy_tokens_per_second"] = plain.stats.tokens_per_second
+    return out
+
+
+def table(metrics: dict[str, float], n: int) -> str:
+    lines = ["head  loss    ppl       acc", "----  ------  --------  -----"]
+    for i in range(1, n + 1):
+        lines.append(
+            f"{i:>4}  {metrics[f'loss/head{i}']:.4f}  {metrics[f'ppl/head{i}']:8.2f}  {metrics[f'acc/head{i}']:.3f}"
+        )
+    return "\n".join(lines)

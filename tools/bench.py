@@ -1,0 +1,234 @@
+"""The benchmark suite: every benchmark in one process tree, one table of ratios measured in the same run.
+
+    make bench                      # = python tools/bench.py --readme
+    python tools/bench.py [--only memory,decode] [--model outputs/tiny-n4] [--out bench/]
+
+Each benchmark is its own tool (run here as a child process, as a user would run it, so one cannot skew
+another's memory figures); this script only runs them, collects their JSON and summarises:
+
+    memory      tools/bench_loss_memory.py   loss-step peak: naive vs memory-efficient vs chunked CE,
+                                             n in {1, 2, 4, 8}, V in {32k, 128k}
+    step        tools/bench_step.py          step time n=4 / n=1 over the FLOP ratio (same trunk)
+    megatron    tools/bench_megatron_mtp.py  the same trunk with megatron-core's built-in MTP (DeepSeek-style
+                                             mtp_num_layers): peak memory and step time vs ours
+    data        tools/bench_data.py          data-loader tokens/s over the training step's consumption
+    decode      tools/bench_decode.py        self-speculative vs greedy decoding, batch 1 and 8, on the
+                                             main job's model (trained first with the default config if
+                                             --model has no checkpoint)
+
+Writes <out>/results.json (the summary + every tool's raw JSON), <out>/results.png, <out>/results.md, and
+with --readme the table between the bench markers of README.md. Only ratios are claims: absolute CPU
+times on a shared 2-core machine mean nothing elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = REPO / "tools"
+README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+# (name, tool, arguments): sizes chosen so the whole suite stays well under 15 minutes on 2 CPU cores
+MEMORY_SHAPE = ["--seq", "256", "--batch", "2", "--hidden", "256", "--trunk-layers", "2", "--chunk", "64",
+                "--n", "1", "2", "4", "8", "--repeat", "1"]  # fmt: skip
+SUITE = {
+    "memory_v32k": ("bench_loss_memory.py", ["--vocab", "32768", *MEMORY_SHAPE]),
+    "memory_v128k": ("bench_loss_memory.py", ["--vocab", "131072", *MEMORY_SHAPE]),
+    "step": ("bench_step.py", ["--steps", "4"]),
+    "megatron": ("bench_megatron_mtp.py", []),
+    "data": ("bench_data.py", ["--seconds", "1.5", "--train-steps", "6"]),
+    "decode": ("bench_decode.py", []),
+}
+GROUPS = {"memory": ["memory_v32k", "memory_v128k"], "step": ["step"], "megatron": ["megatron"], "data": ["data"],
+          "decode": ["decode"]}  # fmt: skip
+
+
+def _child_env() -> dict[str, str]:
+    """Each tool in a world of its own: no torch.distributed variables inherited from a launcher."""
+    drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def run_tool(name: str, tool: str, args: list[str], raw_dir: Path, timeout: int) -> dict:
+    """Run one tool, streaming its output; its --json result (or the failure) comes back."""
+    out = raw_dir / f"{name}.json"
+    out.unlink(missing_ok=True)
+    print(f"\n=== {name}: python tools/{tool} {' '.join(args)}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, str(TOOLS / tool), *args, "--json", str(out)], cwd=REPO,
+                              env=_child_env(), timeout=timeout)  # fmt: skip
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    seconds = time.perf_counter() - t0
+    if rc != 0 or not out.is_file():
+        print(f"=== {name}: FAILED ({rc}) after {seconds:.0f}s", flush=True)
+        return {"error": f"exit {rc}", "seconds": seconds}
+    print(f"=== {name}: {seconds:.0f}s", flush=True)
+    return {"result": json.loads(out.read_text()), "seconds": seconds}
+
+
+def ensure_model(model: Path, timeout: int) -> None:
+    """The decode benchmark needs the main job's model: train it (the default config) when absent."""
+    if (model / "checkpoints" / "latest").is_file() or (model / "mtp_checkpoint.json").is_file():
+        return
+    print(f"\n=== no checkpoint in {model}: running the main job first (make train)", flush=True)
+    subprocess.run([sys.executable, "-m", "mtp_pretrain.cli"], cwd=REPO, env=_child_env(), timeout=timeout, check=True)
+
+
+# -- the summary --------------------------------------------------------------------------------------
+def _memory_rows(raw: dict) -> list[list[str]]:
+    rows = []
+    for name in GROUPS["memory"]:
+        res = raw.get(name, {}).get("result")
+        if not res:
+            continue
+        v = res["shape"]["vocab"]
+        peak = {(r["n"], r["mode"].split("(")[0]): r["peak_bytes"] / 2**20 for r in res["rows"]}
+        for n in sorted({r["n"] for r in res["rows"]}):
+            naive, eff, chunk = peak[n, "naive"], peak[n, "efficient"], peak[n, "chunked"]
+            rows.append([f"loss-step peak memory, V={v // 1024}k, n={n}",
+                         f"naive {naive:.0f} / efficient {eff:.0f} / chunked {chunk:.0f} MiB",
+                         f"naive {naive / eff:.2f}x, chunked {chunk / eff:.2f}x of efficient; "
+                         f"efficient {eff / peak[1, 'efficient']:.2f}x its n=1"])  # fmt: skip
+    return rows
+
+
+def summarise(raw: dict) -> list[list[str]]:
+    """[benchmark, measured, ratio] rows of everything that ran."""
+    rows = _memory_rows(raw)
+    if res := raw.get("step", {}).get("result"):
+        rows.append(["step time n=4 / n=1 (same trunk)", f"time {res['time_ratio']:.3f}x, FLOPs {res['flop_ratio']:.3f}x",
+                     f"time/FLOP {res['time_over_flops']:.3f} (target <= 1.05)"])  # fmt: skip
+    if res := raw.get("megatron", {}).get("result"):
+        rows.append(["megatron-core built-in MTP vs ours, same trunk + 3 extra layers",
+                     f"peak {res['megatron_peak_mib']:.0f} vs {res['ours_peak_mib']:.0f} MiB, "
+                     f"step {res['megatron_step_s']:.3f} vs {res['ours_step_s']:.3f} s",
+                     f"megatron/ours: memory {res['memory_ratio']:.2f}x, time {res['time_ratio']:.2f}x"])  # fmt: skip
+    if res := raw.get("data", {}).get("result"):
+        worst = min(res["rows"], key=lambda r: r["ratio"])
+        rows.append(["data loader / training consumption",
+                     ", ".join(f"{r['content']} w{r['workers']} {r['ratio']:.0f}x" for r in res["rows"]),
+                     f"min {worst['ratio']:.0f}x (target >= 20x)"])  # fmt: skip
+    if res := raw.get("decode", {}).get("result"):
+        for r in res["rows"]:
+            rows.append([f"self-speculative decoding, batch {r['batch']}, n={res['heads']}",
+                         f"{r['speculative_tok_s']:.0f} vs {r['greedy_tok_s']:.0f} tok/s, "
+                         f"{r['tokens_per_forward']:.2f} tokens/forward, identical={r['identical']}",
+                         f"{r['speedup']:.2f}x greedy (target >= 2.5x at batch 1); with perfect drafts "
+                         f"{r['perfect_drafts_speedup']:.2f}x ({r['perfect_tokens_per_forward']:.2f} tokens/forward)"])  # fmt: skip
+    for name, entry in raw.items():
+        if "error" in entry:
+            rows.append([name, "FAILED", entry["error"]])
+    return rows
+
+
+def markdown(rows: list[list[str]]) -> str:
+    lines = ["| benchmark | measured (this run) | ratio |", "|---|---|---|"]
+    return "\n".join(lines + [f"| {a} | {b} | {c} |" for a, b, c in rows]) + "\n"
+
+
+def plot(raw: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, style in zip(GROUPS["memory"], ("-", "--"), strict=True):
+        res = raw.get(name, {}).get("result")
+        if not res:
+            continue
+        for mode in ("naive", "efficient", "chunked"):
+            pts = sorted((r["n"], r["peak_bytes"] / 2**20) for r in res["rows"] if r["mode"].startswith(mode))
+            axes[0].plot(*zip(*pts, strict=True), style, marker="o", label=f"{mode} V={res['shape']['vocab'] // 1024}k")
+    axes[0].set(xlabel="heads n", ylabel="peak MiB", title="loss-step peak memory")
+    axes[0].legend(fontsize=7)
+    bars: dict[str, float] = {}
+    if res := raw.get("megatron", {}).get("result"):
+        bars |= {"megatron MTP\nmemory": res["memory_ratio"], "megatron MTP\ntime": res["time_ratio"]}
+    if res := raw.get("step", {}).get("result"):
+        bars["n4/n1 time\n/ FLOPs"] = res["time_over_flops"]
+    axes[1].bar(list(bars), list(bars.values()), color="tab:gray")
+    axes[1].axhline(1.0, color="k", lw=0.8)
+    axes[1].set(title="ratios (1.0 = parity with ours / with FLOPs)")
+    if res := raw.get("decode", {}).get("result"):
+        labels = [f"batch {r['batch']}" for r in res["rows"]]
+        x = range(len(labels))
+        axes[2].bar([i - 0.27 for i in x], [r["greedy_tok_s"] for r in res["rows"]], 0.27, label="greedy")
+        axes[2].bar(list(x), [r["speculative_tok_s"] for r in res["rows"]], 0.27, label="self-speculative (heads)")
+        perfect = [r["greedy_tok_s"] * r["perfect_drafts_speedup"] for r in res["rows"]]
+        axes[2].bar([i + 0.27 for i in x], perfect, 0.27, label="perfect drafts (ceiling)")
+        axes[2].set_xticks(list(x), labels)
+        axes[2].legend()
+    axes[2].set(title="decoding tokens/s", ylabel="tokens/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def update_readme(table: str, readme: Path) -> None:
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"{readme} has no {README_BEGIN} ... {README_END} section to fill")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    stamp = time.strftime("%Y-%m-%d")
+    readme.write_text(f"{head}{README_BEGIN}\n_Measured by `make bench` on {stamp}; see bench/results.png._\n\n"
+                      f"{table}{README_END}{tail}")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)}")
+    p.add_argument("--model", default="outputs/tiny-n4", help="the model the decode benchmark reads")
+    p.add_argument("--out", default="bench", help="results directory")
+    p.add_argument("--timeout", type=int, default=420, help="seconds allowed to each benchmark")
+    p.add_argument("--readme", nargs="?", const="README.md", help="write the table into this README (default README.md)")
+    p.add_argument("--args", action="append", default=[], metavar="NAME=ARGS",
+                   help="replace a benchmark's arguments, e.g. --args 'step=--hidden 64 --steps 1'")  # fmt: skip
+    a = p.parse_args(argv)
+    unknown = set(a.only.split(",")) - set(GROUPS)
+    if unknown:
+        p.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {sorted(GROUPS)}")
+    overrides = dict(x.split("=", 1) for x in a.args)
+    out = REPO / a.out
+    (out / "raw").mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    # a partial run (--only) replaces its benchmarks' entries in the last results and keeps the others
+    previous = out / "results.json"
+    raw: dict = json.loads(previous.read_text())["raw"] if previous.is_file() else {}
+    for group in a.only.split(","):
+        for name in GROUPS[group]:
+            tool, args = SUITE[name]
+            args = overrides[name].split() if name in overrides else list(args)
+            if name == "decode":
+                ensure_model(REPO / a.model, a.timeout)
+                args = ["--model", a.model, *args]
+            raw[name] = run_tool(name, tool, args, out / "raw", a.timeout)
+    rows = summarise(raw)
+    table = markdown(rows)
+    total = time.perf_counter() - t0
+    result = {"seconds": total, "summary": rows, "raw": raw}
+    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "results.md").write_text(table)
+    plot(raw, out / "results.png")
+    print(f"\n{table}\nthis run: {total / 60:.1f} min; wrote {out}/results.json, results.md, results.png")
+    if a.readme:
+        update_readme(table, REPO / a.readme)
+        print(f"{a.readme}: benchmark table updated")
+    if any("error" in e for e in raw.values()):
+        sys.exit(1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

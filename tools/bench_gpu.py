@@ -1,0 +1,215 @@
+"""GPU throughput of the 1B model (conf/model/1b.yaml) in bf16: n=1 vs n=4 at the same total layer count.
+
+Both runs keep L = 16 blocks (trunk L-n + n heads, the paper's fair comparison) and train on random tokens
+through the project's own pieces: `parallel.init_distributed`, `build_model` + `transformer_config`,
+`MegatronEngine.train_step` (the path `mtp-train` takes), FLOPs from `mtp_pretrain.flops`. Per n it
+reports the median step time, tokens/s, MFU and peak `torch.cuda.max_memory_allocated` (reset between the
+two runs), then the n=4/n=1 time ratio next to the FLOP ratio.
+
+Target: >= 45% MFU for n=1 on one H200 (peak 989 TFLOP/s dense bf16). The default run (micro-batch 4 x
+seq 2048, vocab 32768, 3 warm-up + 20 timed steps per n) takes well under 5 minutes there.
+
+On a GPU machine (the venv needs a CUDA build of torch: see tools/bootstrap.sh and the README):
+
+    TORCH_INDEX_URL=https://download.pytorch.org/whl/cuXYZ make venv     # the index of your CUDA version
+    bash tools/bench_gpu.sh                                   # the 1B benchmark
+    bash tools/bench_gpu.sh --micro-batch 8 --recompute --json bench.json
+
+Without CUDA (or with --dry-run) it runs a dry mode: the tiny model (conf/model/tiny.yaml: 6 layers,
+d=128, seq 128) with vocab 1024 in fp32 for a few steps, through exactly the same code, printing the same
+table (peak memory n/a on CPU). Its numbers only show that the script works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtp_pretrain.config import Config
+
+GPU = dict(preset="1b", micro_batch=4, seq=None, vocab=32768, steps=20, warmup=3)
+DRY = dict(preset="tiny", micro_batch=2, seq=None, vocab=1024, steps=2, warmup=2)
+HEADS = (1, 4)
+
+
+@dataclass
+class Row:
+    n: int
+    step_s: float
+    tokens_per_s: float
+    mfu: float  # a fraction of the device's peak (0.45 = 45%)
+    peak_gib: float | None  # torch.cuda.max_memory_allocated; None without CUDA
+    flops_per_token: float
+    step_times_s: list[float]
+
+
+def compose(preset: str, n: int, seq: int | None) -> Config:
+    """The real Hydra config (conf/train.yaml) with `model=<preset> mtp.n=<n>`, as `mtp-train` builds it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from mtp_pretrain.cli import CONF_DIR
+    from mtp_pretrain.config import register_configs, to_config
+
+    overrides = [f"model={preset}", f"mtp.n={n}"] + ([f"model.seq_len={seq}"] if seq else [])
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return to_config(hydra_compose(config_name="train", overrides=overrides))
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench_one(cfg: Config, args: argparse.Namespace, peak: float) -> Row:
+    """Build the n-head model and its engine, train `warmup + steps` steps on random tokens, time them."""
+    from megatron.core import parallel_state
+
+    from mtp_pretrain.config import OptimConfig
+    from mtp_pretrain.engine.megatron import MegatronEngine
+    from mtp_pretrain.flops import train_flops_per_token
+    from mtp_pretrain.model.mtp_model import build_model, transformer_config
+
+    cuda = torch.cuda.is_available()
+    gc.collect()  # the previous n's model, engine and optimizer hold each other in cycles
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    n, seq, mb = cfg.mtp.n, cfg.model.seq_len, args.micro_batch
+    tconf = transformer_config(cfg.model, cfg.mtp, tp=1, pp=1, bf16=args.bf16, recompute=args.recompute)
+    model = build_model(
+        cfg.model, cfg.mtp, args.vocab, tconf,
+        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+    )  # fmt: skip
+    if cuda:
+        model.cuda()
+    total_steps = args.warmup + args.steps
+    engine = MegatronEngine(model, tconf, OptimConfig(), total_steps, bf16=args.bf16)
+    dev = "cuda" if cuda else "cpu"
+    gen = torch.Generator(device=dev).manual_seed(n)
+    times = []
+    for i in range(total_steps):
+        tokens = torch.randint(0, args.vocab, (mb, seq + n), device=dev, generator=gen)
+        batch = iter([(tokens, torch.ones_like(tokens, dtype=torch.bool))])
+        _sync()
+        t0 = time.perf_counter()
+        result = engine.train_step(batch, 1, seq, mb)
+        _sync()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+        if result.nonfinite:
+            raise RuntimeError(f"n={n}: non-finite loss at step {i}")
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    del engine, model, tconf, result
+    step = statistics.median(times)
+    tokens_per_s = mb * seq / step
+    flops = train_flops_per_token(cfg.model, n, args.vocab)
+    return Row(n, step, tokens_per_s, tokens_per_s * flops / peak, peak_gib, flops, times)
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = [f"{'n':>3} {'step s':>9} {'tokens/s':>11} {'MFU %':>7} {'peak GiB':>9}"]
+    for r in rows:
+        mem = f"{r.peak_gib:.2f}" if r.peak_gib is not None else "n/a"
+        lines.append(f"{r.n:>3} {r.step_s:>9.4f} {r.tokens_per_s:>11.0f} {100 * r.mfu:>7.2f} {mem:>9}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--steps", type=int, default=None, help=f"timed steps per n (default {GPU['steps']}, dry 2)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help=f"untimed steps per n first (default {GPU['warmup']})"
+    )
+    p.add_argument(
+        "--micro-batch", type=int, default=None, help=f"samples per step (default {GPU['micro_batch']})"
+    )
+    p.add_argument("--seq", type=int, default=None, help="input positions per sample (default: the preset's)")
+    p.add_argument(
+        "--vocab", type=int, default=None, help=f"vocabulary size (default {GPU['vocab']}, dry 1024)"
+    )
+    p.add_argument("--preset", default=None, help="conf/model/<preset>.yaml (default 1b, dry tiny)")
+    p.add_argument("--recompute", action="store_true", help="full activation recompute of the trunk layers")
+    p.add_argument(
+        "--dry-run", action="store_true", help="tiny model in fp32: shows the script works (CPU ok)"
+    )
+    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    args.no_cuda = not torch.cuda.is_available()
+    args.dry_run = args.dry_run or args.no_cuda
+    defaults = DRY if args.dry_run else GPU
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.bf16 = not args.dry_run  # bf16 on CPU is slow and not what the dry run checks
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    from mtp_pretrain import parallel
+    from mtp_pretrain.flops import peak_flops
+
+    device = (
+        torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {platform.processor()}".strip()
+    )
+    print(f"device: {device} | torch {torch.__version__} | CUDA {torch.version.cuda or 'none'}")
+    if args.dry_run:
+        why = "no CUDA device found" if args.no_cuda else "--dry-run"
+        print(f"DRY RUN ({why}): model={args.preset}, vocab {args.vocab}, fp32, {args.steps} timed steps; "
+              "the numbers only show that the benchmark works, not GPU throughput")  # fmt: skip
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    peak = peak_flops(dtype)
+    parallel.init_distributed(tp=1, pp=1)
+    try:
+        cfgs = {n: compose(args.preset, n, args.seq) for n in HEADS}
+        m = cfgs[1].model
+        print(f"model {m.preset}: L={m.num_layers} (trunk L-n + n heads), d={m.hidden_size}, "
+              f"heads {m.num_attention_heads}/{m.num_query_groups or m.num_attention_heads} groups, "
+              f"T={m.seq_len}, B={args.micro_batch}, V={args.vocab}, {str(dtype).removeprefix('torch.')}, "
+              f"recompute={args.recompute}, {args.warmup} warm-up + {args.steps} timed steps, "
+              f"peak {peak / 1e12:.3g} TFLOP/s")  # fmt: skip
+        rows = []
+        for n in HEADS:
+            rows.append(bench_one(cfgs[n], args, peak))
+            print(f"  n={n} done: median step {rows[-1].step_s:.4f} s", flush=True)
+    finally:
+        parallel.destroy_distributed()
+    by_n = {r.n: r for r in rows}
+    time_ratio = by_n[4].step_s / by_n[1].step_s
+    flop_ratio = by_n[4].flops_per_token / by_n[1].flops_per_token
+    print()
+    print(format_table(rows))
+    print(
+        f"time ratio n4/n1 {time_ratio:.3f} | FLOP ratio {flop_ratio:.3f} | time/FLOP {time_ratio / flop_ratio:.3f}"
+    )
+    if not args.dry_run:
+        print(f"target: n=1 MFU >= 45% on H200 -> {'met' if by_n[1].mfu >= 0.45 else 'NOT met'}")
+    result = {
+        "device": device, "torch": torch.__version__, "dry_run": args.dry_run,
+        "dtype": str(dtype).removeprefix("torch."), "model": asdict(m), "micro_batch": args.micro_batch,
+        "vocab": args.vocab, "recompute": args.recompute, "warmup": args.warmup, "steps": args.steps,
+        "peak_flops": peak, "rows": [asdict(r) for r in rows],
+        "time_ratio": time_ratio, "flop_ratio": flop_ratio, "time_over_flops": time_ratio / flop_ratio,
+    }  # fmt: skip
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
