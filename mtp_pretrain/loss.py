@@ -108,9 +108,11 @@ class _DetachedHeadsLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_stats: Tensor):  # type: ignore[override]
+        # Scaled in place: the saved gradients are this Function's own and used once, and a copy would put
+        # a second unembedding-sized (V x d) gradient and one per head layer at the backward's peak.
         grad_h, *grad_params = ctx.saved_tensors
-        scaled = [None if g is None else g * grad_loss for g in grad_params]
-        return (grad_h * grad_loss, None, *scaled)
+        scaled = [None if g is None else g.mul_(grad_loss) for g in grad_params]
+        return (grad_h.mul_(grad_loss), None, *scaled)
 
 
 def mtp_loss(
@@ -146,10 +148,12 @@ def mtp_loss(
         tgt, valid = per_head[i]
         y = heads.forward_head(i, z, rotary_pos_emb)
         y_det = y.detach()
-        dy = torch.empty_like(y_det) if w_grad is not None else None
+        chunks = _chunks(seq_len, chunk_size)
+        # dL/dy: one chunk writes it whole; several fill their slices of one buffer
+        dy = torch.empty_like(y_det) if w_grad is not None and len(chunks) > 1 else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
         correct = torch.zeros((), dtype=torch.long, device=h.device)
-        for sl in _chunks(seq_len, chunk_size):
+        for sl in chunks:
             if w_grad is None:
                 ce_sum, c = _chunk_ce(unembed(y_det[sl]), tgt[sl], valid[sl], vocab_limit)
             else:
@@ -162,7 +166,11 @@ def mtp_loss(
                 with torch.no_grad():  # with a graph, dy would keep every chunk's g_logits alive
                     g2 = g_logits.flatten(0, 1)
                     w_grad.addmm_(g2.t(), y_c.flatten(0, 1))
-                    dy[sl] = (g2 @ unembed_weight).view_as(y_c)
+                    dy_c = (g2 @ unembed_weight).view_as(y_c)
+                    if dy is None:
+                        dy = dy_c
+                    else:
+                        dy[sl] = dy_c
                 # the CE graph reaches the logits leaf through its AccumulateGrad node: drop it now
                 ce_sum = ce_sum.detach()
                 del logits, g_logits, g2
