@@ -187,6 +187,8 @@ def generate(argv: list[str] | None = None) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-speculative", action="store_true", help="plain greedy: one forward pass per token")
+    p.add_argument("--min-tokens-per-forward", type=float, default=1.5,
+                   help="stop drafting after 8 forwards that gained fewer tokens per forward (0: always draft)")  # fmt: skip
     p.add_argument("--stats-json", help="write the decoding statistics here")
     a = p.parse_args(argv)
     from mtp_pretrain.inference.generate import Sampling, generate_text
@@ -207,7 +209,9 @@ def generate(argv: list[str] | None = None) -> None:
             sys.stdout.flush()
 
     try:
-        texts, stats = generate_text(model, prompts, a.max_new_tokens, sampling, not a.no_speculative, stream)
+        texts, stats = generate_text(
+            model, prompts, a.max_new_tokens, sampling, not a.no_speculative, stream, a.min_tokens_per_forward
+        )
     except ValueError as e:
         print(f"\nmtp-generate: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -218,7 +222,8 @@ def generate(argv: list[str] | None = None) -> None:
     print(
         f"[{'self-speculative' if stats.speculative else 'plain'}] {stats.new_tokens} tokens, {len(prompts)} prompt(s), "
         f"{stats.tokens_per_second:.1f} tok/s, {stats.tokens_per_forward:.2f} tokens/forward"
-        + (f", acceptance {acc}" if acc else ""),
+        + (f", acceptance {acc}" if acc else "")
+        + (f"; drafting stopped after forward {stats.drafting_stopped_at} (it did not pay)" if stats.drafting_stopped_at else ""),
         file=sys.stderr,
     )
     if a.stats_json:

@@ -123,7 +123,8 @@ def summarise(raw: dict) -> list[list[str]]:
             rows.append([f"self-speculative decoding, batch {r['batch']}, n={res['heads']}",
                          f"{r['speculative_tok_s']:.0f} vs {r['greedy_tok_s']:.0f} tok/s, "
                          f"{r['tokens_per_forward']:.2f} tokens/forward, identical={r['identical']}",
-                         f"{r['speedup']:.2f}x greedy (target >= 2.5x at batch 1); with perfect drafts "
+                         f"{r['speedup']:.2f}x greedy (target >= 2.5x at batch 1); mtp-generate's default (stops "
+                         f"drafting that does not pay) {r['auto_speedup']:.2f}x; with perfect drafts "
                          f"{r['perfect_drafts_speedup']:.2f}x ({r['perfect_tokens_per_forward']:.2f} tokens/forward)"])  # fmt: skip
     for name, entry in raw.items():
         if "error" in entry:

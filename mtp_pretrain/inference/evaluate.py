@@ -92,7 +92,7 @@ def acceptance(model: LoadedModel, batches: Sequence[torch.Tensor], prompts: int
     rows = [r for b in batches for r in b[:, :prompt_len].tolist()][:prompts]
     if not rows:
         return {}
-    spec = generate(model.decoder, rows, new_tokens, eos=model.eos, speculative=True)
+    spec = generate(model.decoder, rows, new_tokens, eos=model.eos, speculative=True, min_tokens_per_forward=0)
     plain = generate(model.decoder, rows, new_tokens, eos=model.eos, speculative=False)
     out = spec.stats.as_dict()
     out["identical_to_greedy"] = spec.tokens == plain.tokens

@@ -7,7 +7,7 @@ import torch
 
 from mtp_pretrain.cli import generate as generate_cli
 from mtp_pretrain.data.tokenizer import train_tokenizer
-from mtp_pretrain.inference.generate import Sampling, generate, generate_text
+from mtp_pretrain.inference.generate import PROBE_FORWARDS, Sampling, generate, generate_text
 from mtp_pretrain.inference.weights import load_model
 
 
@@ -35,9 +35,9 @@ def test_speculative_equals_greedy_batch_1_and_batched(mtp_run):
     dec = mtp_run.loaded.decoder
     prompts = _prompts(mtp_run, 24)
     reference = _greedy(dec, prompts, 24)
-    single = [generate(dec, [p], 24, speculative=True) for p in prompts]
+    single = [generate(dec, [p], 24, speculative=True, min_tokens_per_forward=0) for p in prompts]
     assert [g.tokens[0] for g in single] == reference
-    batched = generate(dec, prompts[:8], 24, speculative=True)
+    batched = generate(dec, prompts[:8], 24, speculative=True, min_tokens_per_forward=0)
     assert batched.tokens == reference[:8]
     assert generate(dec, prompts[:8], 24, speculative=False).tokens == reference[:8]
 
@@ -67,13 +67,39 @@ def test_rollback_after_a_rejection_at_every_draft_position(mtp_run, wrong_at):
                 out[b, wrong_at] = (reference[b][len(done) + wrong_at] + 1) % vocab
         return out
 
-    result = generate(dec, prompts, new, speculative=True, draft_fn=oracle)
+    result = generate(dec, prompts, new, speculative=True, draft_fn=oracle, min_tokens_per_forward=0)
     assert result.tokens == [r[:new] for r in reference]
     per_forward = n if wrong_at is None else wrong_at + 1
     # the prompt's forward gives 1 token, every later one `per_forward` (the last may overshoot the limit)
     assert result.stats.forwards == 1 + -(-(new - 1) // per_forward)
     if wrong_at is not None:
         assert result.stats.accepted[wrong_at] == 0 and result.stats.proposed[wrong_at] > 0
+
+
+@pytest.mark.parametrize("wrong_at", [None, 0])
+def test_drafting_stops_when_it_does_not_pay(mtp_run, wrong_at):
+    """Drafts always right (4 tokens/forward) keep drafting; drafts always rejected (1 token/forward) stop
+    after the probe, and decoding goes on plainly: one token per forward, greedy's tokens."""
+    dec = mtp_run.loaded.decoder
+    n, new = dec.cfg.mtp_heads, 40
+    prompts = _prompts(mtp_run, 2)
+    reference = _greedy(dec, prompts, new + n)
+
+    def oracle(generated: list[list[int]], drafts: torch.Tensor) -> torch.Tensor:
+        out = drafts.clone()
+        for b, done in enumerate(generated):
+            truth = torch.tensor(reference[b][len(done) : len(done) + n - 1])
+            out[b, : len(truth)] = truth if wrong_at is None else (truth + 1) % dec.cfg.vocab_size
+        return out
+
+    result = generate(dec, prompts, new, speculative=True, draft_fn=oracle)  # the default threshold (1.5)
+    assert result.tokens == [r[:new] for r in reference]
+    if wrong_at is None:
+        assert result.stats.drafting_stopped_at is None and result.stats.forwards == 1 + -(-(new - 1) // n)
+    else:
+        assert result.stats.drafting_stopped_at == 1 + PROBE_FORWARDS
+        assert result.stats.forwards == new  # every forward after the prompt's gave one token
+        assert result.stats.proposed[0] == PROBE_FORWARDS * len(prompts)  # nothing counted once stopped
 
 
 def test_stops_at_eos_and_at_the_context(mtp_run):

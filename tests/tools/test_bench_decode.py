@@ -18,4 +18,5 @@ def test_speculative_decoding_is_measured_against_greedy(mtp_run, tmp_path):
         assert r["greedy_tok_s"] > 0 and r["speculative_tok_s"] > 0
         assert abs(r["speedup"] - r["speculative_tok_s"] / r["greedy_tok_s"]) < 1e-6 * r["speedup"]
         assert 1.0 < r["tokens_per_forward"] <= 4.0 and len(r["acceptance"]) == 3
+        assert r["auto_speedup"] > 0 and r["perfect_drafts_speedup"] > 0 and r["perfect_tokens_per_forward"] > 1.0
     assert "speculative tok/s" in run.stdout
