@@ -177,6 +177,13 @@ def generate(argv: list[str] | None = None) -> None:
     """mtp-generate MODEL [--prompt TEXT ...|--prompt-file F ...|stdin]: continue prompts, streaming the
     first; greedy decoding is self-speculative with the MTP heads (same tokens, fewer forward passes)."""
     _quiet_libraries()
+    from mtp_pretrain.inference.generate import (
+        MIN_TOKENS_PER_FORWARD,
+        PROBE_FORWARDS,
+        Sampling,
+        generate_text,
+    )
+
     p = argparse.ArgumentParser(prog="mtp-generate", description=generate.__doc__)
     _model_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
@@ -187,12 +194,11 @@ def generate(argv: list[str] | None = None) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-speculative", action="store_true", help="plain greedy: one forward pass per token")
-    p.add_argument("--min-tokens-per-forward", type=float, default=1.5,
-                   help="stop drafting after 8 forwards that gained fewer tokens per forward (0: always draft)")  # fmt: skip
+    p.add_argument("--min-tokens-per-forward", type=float, default=MIN_TOKENS_PER_FORWARD,
+                   help=f"stop drafting after {PROBE_FORWARDS} forwards that gained fewer tokens per forward "
+                        "(0: always draft)")  # fmt: skip
     p.add_argument("--stats-json", help="write the decoding statistics here")
     a = p.parse_args(argv)
-    from mtp_pretrain.inference.generate import Sampling, generate_text
-
     prompts = list(a.prompt) + [Path(f).read_text() for f in a.prompt_file]
     if not prompts:
         prompts = [sys.stdin.read()]

@@ -15,17 +15,14 @@ is the ceiling this machine and model shape allow; the gap to it is what the hea
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 from pathlib import Path
 
 import torch
 
 from mtp_pretrain.inference.evaluate import read_batches, run_validation_data
-from mtp_pretrain.inference.generate import generate
+from mtp_pretrain.inference.generate import MIN_TOKENS_PER_FORWARD, generate
 from mtp_pretrain.inference.weights import load_model
-
-DEFAULT_MIN_GAIN = inspect.signature(generate).parameters["min_tokens_per_forward"].default
 
 
 def _oracle(reference: list[list[int]], n: int):  # noqa: ANN202
@@ -81,7 +78,7 @@ def run(args: argparse.Namespace) -> dict:
             for mode in best:
                 ref = greedy_tokens if mode == "perfect" else None
                 tokens, seconds, stats = _decode(model, prompts, batch, new_tokens, mode != "greedy", ref,
-                                                 min_tokens_per_forward=DEFAULT_MIN_GAIN if mode == "auto" else 0.0)  # fmt: skip
+                                                 min_tokens_per_forward=MIN_TOKENS_PER_FORWARD if mode == "auto" else 0.0)  # fmt: skip
                 best[mode] = min(best[mode], seconds)
                 assert tokens == greedy_tokens or mode == "heads", f"{mode} drafts changed the tokens"
                 if mode != "greedy":
@@ -106,7 +103,7 @@ def print_table(result: dict) -> None:
     print(f"model {result['model']}: n={result['heads']}, {result['prompts']} held-out prompts of "
           f"{result['prompt_tokens']} tokens, {result['new_tokens']} new tokens each")  # fmt: skip
     print("batch  greedy tok/s  speculative tok/s  speedup  tokens/forward  acceptance (head 2..n)  identical"
-          "  | default (stops drafting if < 1.5 tok/fwd)  | perfect drafts: speedup  tokens/forward")  # fmt: skip
+          f"  | default (stops drafting if < {MIN_TOKENS_PER_FORWARD} tok/fwd)  | perfect drafts: speedup  tokens/forward")  # fmt: skip
     for r in result["rows"]:
         acc = " ".join(f"{a:.2f}" for a in r["acceptance"])
         print(f"{r['batch']:>5}  {r['greedy_tok_s']:>12.1f}  {r['speculative_tok_s']:>17.1f}  {r['speedup']:>6.2f}x"

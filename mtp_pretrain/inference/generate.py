@@ -33,6 +33,7 @@ from mtp_pretrain.inference.model import MTPDecoder
 from mtp_pretrain.inference.weights import LoadedModel
 
 PROBE_FORWARDS = 8  # drafting forwards before deciding whether drafting pays (see the module docstring)
+MIN_TOKENS_PER_FORWARD = 1.5  # below this gain drafting stops: a forward over all heads costs ~1.4x here
 # called with (row, its new tokens) as soon as they are decided: streaming output
 TokenCallback = Callable[[int, list[int]], None]
 # (tokens generated so far per row, the heads' drafts [B, n-1]) -> the drafts to verify: tests and external drafters
@@ -138,7 +139,7 @@ def generate(
     speculative: bool = True,
     on_tokens: TokenCallback | None = None,
     draft_fn: DraftFn | None = None,
-    min_tokens_per_forward: float = 1.5,
+    min_tokens_per_forward: float = MIN_TOKENS_PER_FORWARD,
 ) -> Generation:
     """Continue each prompt (token ids) by up to ``max_new_tokens`` tokens, stopping a row at ``eos``.
 
@@ -238,7 +239,7 @@ def generate_text(
     sampling: Sampling | None = None,
     speculative: bool = True,
     on_text: Callable[[int, str], None] | None = None,
-    min_tokens_per_forward: float = 1.5,
+    min_tokens_per_forward: float = MIN_TOKENS_PER_FORWARD,
 ) -> tuple[list[str], DecodeStats]:
     """Continue text prompts; ``on_text(row, piece)`` streams each row's text as it is decided.
 
@@ -254,12 +255,12 @@ def generate_text(
     def stream(row: int, tokens: list[int]) -> None:
         new[row] += tokens
         text = model.tokenizer.decode(new[row])
-        if not text.endswith("\ufffd") and on_text is not None:  # wait for the rest of a split UTF-8 char
+        if not text.endswith("\ufffd"):  # wait for the rest of a split UTF-8 character
             on_text(row, text[len(shown[row]) :])
             shown[row] = text
 
     result = generate(
         model.decoder, ids, max_new_tokens, eos=model.eos, sampling=sampling, speculative=speculative,
-        on_tokens=stream, min_tokens_per_forward=min_tokens_per_forward,
+        on_tokens=stream if on_text is not None else None, min_tokens_per_forward=min_tokens_per_forward,
     )  # fmt: skip
     return [model.tokenizer.decode(t) for t in result.tokens], result.stats

@@ -82,7 +82,10 @@ class StackedBlocks(torch.nn.Module):
         self.attn_norm, self.qkv, self.proj = p(d), p(qkv, d), p(d, cfg.num_heads * hd)
         self.mlp_norm, self.gate_up, self.down = p(d), p(2 * f, d), p(d, f)
 
-    def forward(self, x: Tensor, cache: BlockCache, positions: Tensor, rotary: tuple[Tensor, Tensor], take: int) -> Tensor:
+    def forward(
+        self, x: Tensor, cache: BlockCache, positions: Tensor, rotary: tuple[Tensor, Tensor], visible: Tensor, take: int
+    ) -> Tensor:
+        """x [take, B, S, d] at positions [B, S]; ``visible`` [B, 1, S, T]: which cached keys each query sees."""
         cfg = self.cfg
         k_, B, S, d = x.shape  # noqa: N806
         H, G, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim  # noqa: N806
@@ -90,14 +93,12 @@ class StackedBlocks(torch.nn.Module):
         qkv = torch.matmul(h.view(k_, B * S, d), self.qkv[:take].transpose(1, 2)).view(k_, B, S, H + 2 * G, hd)
         q, k, v = qkv.split([H, G, G], dim=3)
         q, k = rope(q, *rotary), rope(k, *rotary)
-        keys, values = cache.write(k, v, positions, take)  # [k_, B, T, G, hd] up to the furthest position
-        # query at position p sees keys 0..p: every one of them was written by now (earlier steps or this one)
-        visible = torch.arange(keys.shape[2], device=x.device) <= positions[..., None]  # [B, S, T]
+        keys, values = cache.write(k, v, positions, visible.shape[-1], take)  # [k_, B, T, G, hd]
         attn = F.scaled_dot_product_attention(
             q.permute(0, 1, 3, 2, 4).reshape(k_ * B, H, S, hd),
             keys.permute(0, 1, 3, 2, 4).reshape(k_ * B, G, -1, hd),
             values.permute(0, 1, 3, 2, 4).reshape(k_ * B, G, -1, hd),
-            attn_mask=visible[:, None].expand(B, 1, S, -1).repeat(k_, 1, 1, 1),
+            attn_mask=visible if k_ == 1 else visible.repeat(k_, 1, 1, 1),
             enable_gqa=G != H,
         )  # [k_*B, H, S, hd]
         attn = attn.view(k_, B, H, S, hd).transpose(2, 3).reshape(k_, B * S, H * hd)
@@ -115,11 +116,9 @@ class BlockCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def write(self, k: Tensor, v: Tensor, positions: Tensor, take: int) -> tuple[Tensor, Tensor]:
-        """Store k/v [take, B, S, G, hd] at positions [B, S]; return the cache up to the furthest position."""
-        end = int(positions.max()) + 1
-        if end > self.k.shape[2]:
-            raise ValueError(f"position {end - 1} is past the cache capacity {self.k.shape[2]}")
+    def write(self, k: Tensor, v: Tensor, positions: Tensor, end: int, take: int) -> tuple[Tensor, Tensor]:
+        """Store k/v [take, B, S, G, hd] at positions [B, S]; return the cache up to ``end`` (the furthest
+        position + 1, checked against the capacity by the caller)."""
         rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
         self.k[:take, rows, positions] = k
         self.v[:take, rows, positions] = v
@@ -163,14 +162,19 @@ class MTPDecoder(torch.nn.Module):
         ``heads`` heads, caching their keys/values (lengths are left to the caller: it decides what to
         keep). Returns the heads' normed hidden states [heads, B, S, d]."""
         positions = cache.lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+        end = int(positions.max()) + 1  # once per forward, not per block (a device sync on GPUs)
+        if end > cache.capacity:
+            raise ValueError(f"position {end - 1} is past the cache capacity {cache.capacity}")
+        # a query at position p sees keys 0..p: every one of them is written by then (earlier steps or this one)
+        visible = (torch.arange(end, device=tokens.device) <= positions[..., None])[:, None]  # [B, 1, S, T]
         if self._rope is None or self._rope.shape[1] < cache.capacity:  # computed once per size, not per layer
             cfg = self.cfg
             self._rope = rope_tables(max(cache.capacity, cfg.context), cfg.head_dim, cfg.rope_base, self.embed.dtype, self.embed.device)
         cos, sin = self._rope[:, positions, None]  # [B, S, 1, hd] each
         x = F.embedding(tokens, self.embed)[None]
         for block, block_cache in zip(self.trunk, cache.trunk, strict=True):
-            x = block(x, block_cache, positions, (cos, sin), take=1)
-        y = self.heads(x.expand(heads, -1, -1, -1), cache.heads, positions, (cos, sin), take=heads)
+            x = block(x, block_cache, positions, (cos, sin), visible, take=1)
+        y = self.heads(x.expand(heads, -1, -1, -1), cache.heads, positions, (cos, sin), visible, take=heads)
         return rms_norm(y, self.norm, self.cfg.norm_eps)
 
     @compat.cuda_shims_paused()
