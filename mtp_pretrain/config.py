@@ -12,8 +12,6 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from mtp_pretrain.metrics import MetricsConfig  # the `logging` group: one dataclass, owned by metrics
-
 
 class ConfigError(ValueError):
     """A bad configuration value or combination; the message names the key and how to fix it."""
@@ -132,6 +130,18 @@ class TrainerConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """The ``logging`` group: where metrics go and how often."""
+
+    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_project: str = "mtp-pretrain"
+    wandb_entity: str | None = None
+    run_name: str | None = None
+    log_every: int = 10  # console line / wandb point every k steps
+    plot: bool = True
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mtp: MTPConfig = field(default_factory=MTPConfig)
@@ -139,7 +149,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logging: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def register_configs() -> None:
@@ -152,7 +162,7 @@ def register_configs() -> None:
         ("optim", OptimConfig),
         ("parallel", ParallelConfig),
         ("trainer", TrainerConfig),
-        ("logging", MetricsConfig),
+        ("logging", LoggingConfig),
     ]:
         cs.store(group=group, name=f"base_{group}", node=node)
 

@@ -16,7 +16,6 @@ gradients under ZeRO and overlapped DDP reduction, measured; see ARCHITECTURE.md
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,29 +24,11 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch import Tensor
 
 from mtp_pretrain.model.heads import MTPHeads
+from mtp_pretrain.targets import HeadTargets
 
 # per-head statistics, rows of the [n, 3] stats tensor the loss returns (sums, so they reduce across
 # micro-batches and data-parallel ranks by addition)
 STAT_LOSS_SUM, STAT_CORRECT, STAT_COUNT = 0, 1, 2
-
-
-@dataclass
-class HeadTargets:
-    """Targets of every head: head i (0-based) predicts tokens[:, i+1 : i+1+T]."""
-
-    tokens: Tensor  # [B, T+n] int64
-    valid: Tensor  # [B, T+n] bool; False = padding / masked target
-    # [B, T+n] document number of each token, or None: head i's target at position t counts only when it
-    # lies in the same document as the input token t (document-boundary masking)
-    segments: Tensor | None = None
-
-    def of_head(self, i: int, seq_len: int) -> tuple[Tensor, Tensor]:
-        """[T, B] targets and validity of head i, in megatron's sequence-first layout."""
-        sl = slice(i + 1, i + 1 + seq_len)
-        valid = self.valid[:, sl]
-        if self.segments is not None:
-            valid = valid & (self.segments[:, sl] == self.segments[:, :seq_len])
-        return self.tokens[:, sl].t().contiguous(), valid.t().contiguous()
 
 
 def _vocab_parallel_argmax(logits: Tensor) -> Tensor:

@@ -31,29 +31,18 @@ import string
 import sys
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from mtp_pretrain.config import LoggingConfig
 
 RUN_ID_FILE = "wandb_run_id.txt"
 JSONL_FILE = "metrics.jsonl"
 PLOT_FILE = "loss_curves.png"
 _WANDB_MODES = ("offline", "online", "disabled")
 _HEAD_KEY = re.compile(r"^loss/head(\d+)$")
-
-
-@dataclass
-class MetricsConfig:
-    """Mirrors the trainer's ``logging`` config group."""
-
-    wandb_mode: str = "offline"  # offline | online | disabled
-    wandb_project: str = "mtp-pretrain"
-    wandb_entity: str | None = None
-    run_name: str | None = None
-    log_every: int = 10  # console line / wandb point every k steps
-    plot: bool = True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,7 +302,7 @@ class MetricsLogger:
 
     def __init__(
         self,
-        cfg: MetricsConfig,
+        cfg: LoggingConfig,
         run_dir: Path,
         total_steps: int,
         start_step: int = 0,

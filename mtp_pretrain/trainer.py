@@ -25,7 +25,7 @@ from mtp_pretrain.config import Config, finetune_mismatches, from_yaml, shape_mi
 from mtp_pretrain.data.corpus import prepare_corpus
 from mtp_pretrain.data.loader import BatchLoader
 from mtp_pretrain.data.shards import check_shard_tokenizer
-from mtp_pretrain.data.stream import ERROR_KINDS, Dataset, PackedBatchStream, target_mask
+from mtp_pretrain.data.stream import ERROR_KINDS, Dataset, PackedBatchStream
 from mtp_pretrain.data.tokenizer import eos_id, load_tokenizer, pad_id, tokenizer_hash
 from mtp_pretrain.engine.base import Batch, Engine, NonFiniteLossError
 from mtp_pretrain.engine.megatron import MegatronEngine
@@ -36,6 +36,7 @@ from mtp_pretrain.metrics import MetricsLogger
 from mtp_pretrain.model.mtp_model import build_pipeline_chunks, transformer_config
 from mtp_pretrain.preemption import StopRequest
 from mtp_pretrain.rng import get_rng_state, set_rng_state
+from mtp_pretrain.targets import target_mask
 
 
 @dataclass

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mtp_pretrain.config import ModelConfig, MTPConfig
-from mtp_pretrain.data.stream import target_mask
 from mtp_pretrain.model.mtp_model import build_model, transformer_config
+from mtp_pretrain.targets import target_mask
 
 VOCAB = 256
 

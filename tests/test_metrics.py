@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from mtp_pretrain import metrics as M
+from mtp_pretrain.config import LoggingConfig
 from mtp_pretrain.metrics import (
-    MetricsConfig,
     MetricsLogger,
     build_head_series,
     format_duration,
@@ -45,10 +45,10 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _cfg(**kw) -> MetricsConfig:
+def _cfg(**kw) -> LoggingConfig:
     base = {"wandb_mode": "disabled", "run_name": "t", "log_every": 2, "plot": True}
     base.update(kw)
-    return MetricsConfig(**base)
+    return LoggingConfig(**base)
 
 
 # ------------------------------------------------------------------ formatting helpers
@@ -299,7 +299,7 @@ def test_window_keeps_last_lr_and_data_counters_max_memory_and_means_the_rest() 
 
 
 def test_emits_is_the_same_rule_on_every_rank(tmp_path: Path) -> None:
-    cfg = MetricsConfig(wandb_mode="disabled", log_every=5, plot=False)
+    cfg = LoggingConfig(wandb_mode="disabled", log_every=5, plot=False)
     on = MetricsLogger(cfg, tmp_path / "a", total_steps=12, start_step=2, enabled=True, n_heads=1)
     off = MetricsLogger(cfg, tmp_path / "b", total_steps=12, start_step=2, enabled=False, n_heads=1)
     steps = [s for s in range(3, 13) if on.emits(s)]

@@ -396,20 +396,6 @@ class PackedBatchStream:
         self._exhausted = [False] * len(self.datasets)
 
 
-def target_mask(tokens: torch.Tensor, eos: int, pad: int, mask_doc_boundaries: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(valid, segments)`` for packed ``tokens`` [B, L]: ``valid`` is False on padding; ``segments`` numbers
-    the documents of each row (a document's EOS belongs to it) when ``mask_doc_boundaries``, else zeros.
-
-    The loss then drops head i's target at position t when it lies in another document than the input
-    token (see :class:`mtp_pretrain.loss.HeadTargets`).
-    """
-    valid = tokens != pad
-    if not mask_doc_boundaries:
-        return valid, torch.zeros_like(tokens, dtype=torch.int32)
-    is_eos = (tokens == eos).to(torch.int32)
-    return valid, (torch.cumsum(is_eos, dim=1, dtype=torch.int32) - is_eos)
-
-
 def reshard_states(
     old: Sequence[dict[str, Any] | None],
     new_readers: int,

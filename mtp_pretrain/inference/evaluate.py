@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from mtp_pretrain.checkpoint import Checkpointer
 from mtp_pretrain.config import from_yaml
 from mtp_pretrain.data.shards import check_shard_tokenizer
-from mtp_pretrain.data.stream import Dataset, PackedBatchStream, target_mask
+from mtp_pretrain.data.stream import Dataset, PackedBatchStream
 from mtp_pretrain.data.tokenizer import pad_id
 from mtp_pretrain.inference.generate import generate
 from mtp_pretrain.inference.weights import LoadedModel
-from mtp_pretrain.loss import HeadTargets
+from mtp_pretrain.targets import HeadTargets, target_mask
 
 
 def run_validation_data(model: LoadedModel) -> tuple[list[Dataset], bool, str]:

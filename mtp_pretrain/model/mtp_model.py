@@ -25,9 +25,10 @@ from torch import Tensor
 
 from mtp_pretrain import compat
 from mtp_pretrain.config import ModelConfig, MTPConfig, ffn_hidden_size
-from mtp_pretrain.loss import HeadTargets, mask_vocab_padding, mtp_loss
+from mtp_pretrain.loss import mask_vocab_padding, mtp_loss
 from mtp_pretrain.model.heads import MTPHeads
 from mtp_pretrain.model.init import init_parameters
+from mtp_pretrain.targets import HeadTargets
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:

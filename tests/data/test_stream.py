@@ -13,7 +13,7 @@ import torch
 import webdataset as wds
 
 from mtp_pretrain.data.shards import write_shards
-from mtp_pretrain.data.stream import Dataset, PackedBatchStream, ShardReadError, expand_urls, target_mask
+from mtp_pretrain.data.stream import Dataset, PackedBatchStream, ShardReadError, expand_urls
 from mtp_pretrain.data.tokenizer import load_tokenizer
 from tests.data.conftest import EOS, N_DOCS, PAD, doc_ids, flat, make_texts, take
 
@@ -278,12 +278,3 @@ def test_third_party_shards_in_both_directions(data: dict[str, Any], tmp_path: P
     sample = next(iter(wds.WebDataset(data["tok_urls"][0], shardshuffle=False).decode()))
     assert isinstance(sample["tokens.npy"], np.ndarray) and sample["tokens.npy"].dtype == np.uint16
     assert sample["tokens.npy"].tolist() + [EOS] == data["per_shard"][data["urls"][0]][: sample["tokens.npy"].size + 1]
-
-
-def test_target_mask_marks_padding_and_documents() -> None:
-    tokens = torch.tensor([[5, 6, EOS, 7, 8, EOS, 9, PAD]])
-    valid, seg = target_mask(tokens, EOS, PAD, mask_doc_boundaries=True)
-    assert valid.tolist() == [[True] * 7 + [False]]
-    assert seg.tolist() == [[0, 0, 0, 1, 1, 1, 2, 2]]  # a document's EOS belongs to it
-    valid, seg = target_mask(tokens, EOS, PAD, mask_doc_boundaries=False)
-    assert not seg.any() and valid.sum() == 7
