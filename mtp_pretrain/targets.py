@@ -40,3 +40,38 @@ def target_mask(tokens: torch.Tensor, eos: int, pad: int, mask_doc_boundaries: b
         return valid, torch.zeros_like(tokens, dtype=torch.int32)
     is_eos = (tokens == eos).to(torch.int32)
     return valid, (torch.cumsum(is_eos, dim=1, dtype=torch.int32) - is_eos)
+
+
+@dataclass
+class HeadStats:
+    """Per-head sums over target positions; sums, so they add across micro-batches and data-parallel ranks."""
+
+    loss_sum: Tensor  # [n] summed cross-entropy over valid targets (fp32 or wider)
+    correct: Tensor  # [n] top-1 hits
+    count: Tensor  # [n] valid targets
+
+    @property
+    def n(self) -> int:
+        return self.loss_sum.shape[0]
+
+    def packed(self) -> Tensor:
+        """[n, 3] (loss_sum, correct, count) in the loss sum's dtype: one tensor to reduce across ranks."""
+        dtype = self.loss_sum.dtype
+        return torch.stack([self.loss_sum, self.correct.to(dtype), self.count.to(dtype)], dim=1)
+
+    @classmethod
+    def unpacked(cls, packed: Tensor) -> HeadStats:
+        return cls(packed[:, 0], packed[:, 1], packed[:, 2])
+
+    @classmethod
+    def total(cls, parts: list[HeadStats]) -> HeadStats:
+        return cls.unpacked(torch.stack([p.packed() for p in parts]).sum(0))
+
+    def metrics(self) -> dict[str, float]:
+        """``loss/head{k}`` (mean CE over valid targets) and ``acc/head{k}`` (top-1), k = 1..n."""
+        count = self.count.double().clamp(min=1)
+        loss, acc = (self.loss_sum.double() / count).tolist(), (self.correct.double() / count).tolist()
+        out: dict[str, float] = {}
+        for k, (lo, ac) in enumerate(zip(loss, acc, strict=True), start=1):
+            out[f"loss/head{k}"], out[f"acc/head{k}"] = lo, ac
+        return out
