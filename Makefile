@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv train test lint bench bench-memory bench-data bench-decode
+.PHONY: venv train test test-fast lint bench bench-memory bench-data bench-decode
 venv:
 	@bash tools/bootstrap.sh
 
@@ -10,8 +10,13 @@ venv:
 train: venv
 	$(PY) -m mtp_pretrain.cli $(ARGS)
 
+# The whole suite (CI); the slowest tests are listed at the end.
 test: venv lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+# Single-process unit tests only (tests/unit).
+test-fast: venv lint
+	$(PY) -m pytest -q --durations=10 tests/unit $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check mtp_pretrain tools tests

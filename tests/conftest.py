@@ -102,3 +102,12 @@ def mtp_run(dist_world, synthetic_source, tmp_path_factory) -> TrainedRun:
     trainer = Trainer(compose_config(*overrides))
     result = trainer.fit()
     return TrainedRun(trainer, result.checkpoint, load_model(result.checkpoint))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test by its folder: ``-m unit`` (single process) or ``-m integration`` (subprocesses)."""
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        for kind in ("unit", "integration"):
+            if kind in parts:
+                item.add_marker(getattr(pytest.mark, kind))

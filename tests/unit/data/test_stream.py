@@ -15,7 +15,7 @@ import webdataset as wds
 from mtp_pretrain.data.shards import write_shards
 from mtp_pretrain.data.stream import Dataset, PackedBatchStream, ShardReadError, expand_urls
 from mtp_pretrain.data.tokenizer import load_tokenizer
-from tests.data.conftest import EOS, N_DOCS, PAD, doc_ids, flat, make_texts, take
+from tests.unit.data.conftest import EOS, N_DOCS, PAD, doc_ids, flat, make_texts, take
 
 
 def test_batch_shape_and_dtype(data: dict[str, Any]) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from megatron.core.dist_checkpointing.serialization import load_plain_tensors
 
 from mtp_pretrain.metrics import load_history
 from tests.conftest import tiny_run_overrides
-from tests.distributed.test_tensor_parallel import ROOT, torchrun
+from tests.launch import ROOT, clean_env, run, torchrun
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the test cluster needs root (namespaces, daemons)")
 STEPS = 8
@@ -26,19 +25,18 @@ STATE = Path("/tmp/mtp-slurm-tests")
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    return {**env, "SLURM_CONF": str(STATE / "slurm.conf"), "MTP_SLURM_STATE": str(STATE)}
+    return clean_env(SLURM_CONF=str(STATE / "slurm.conf"), MTP_SLURM_STATE=str(STATE))
 
 
 @pytest.fixture(scope="module")
 def cluster():
     script = ROOT / "launch" / "slurm_test_cluster.sh"
     start = time.perf_counter()
-    up = subprocess.run(["bash", str(script), "start"], env=_env(), capture_output=True, text=True, timeout=300)
+    up = run(["bash", str(script), "start"], env=_env(), timeout=300)
     assert up.returncode == 0, up.stdout + up.stderr
     print(f"slurm test cluster up in {time.perf_counter() - start:.1f}s")
     yield
-    subprocess.run(["bash", str(script), "stop"], env=_env(), capture_output=True, text=True, timeout=60)
+    run(["bash", str(script), "stop"], env=_env(), timeout=60)
 
 
 def _overrides(source: Path, root: Path, run: str) -> list[str]:
@@ -50,13 +48,13 @@ def _submit(overrides: list[str]) -> str:
     cmd = [str(Path(sys.executable).parent / "mtp-submit")]
     slurm = ["slurm.nodes=2", "slurm.procs_per_node=2", "slurm.cpus_per_task=2", "slurm.local_addr_from_ip=true",
              f"slurm.setup=source {ROOT}/.venv/bin/activate; export GLOO_SOCKET_IFNAME=eth0"]  # fmt: skip
-    out = subprocess.run([*cmd, *slurm, *overrides], env=_env(), capture_output=True, text=True, timeout=120)
+    out = run([*cmd, *slurm, *overrides], env=_env(), timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout.strip().splitlines()[-1]
 
 
 def _job(job: str) -> dict[str, str]:
-    text = subprocess.run(["scontrol", "show", "job", "-o", job], env=_env(), capture_output=True, text=True).stdout
+    text = run(["scontrol", "show", "job", "-o", job], env=_env()).stdout
     return dict(re.findall(r"(\w+)=(\S*)", text))
 
 
@@ -110,7 +108,7 @@ def test_usr1_preemption_saves_requeues_and_finishes_identically(dist_world, uni
         if history.is_file() and any(json.loads(line)["step"] >= 2 for line in history.read_text().splitlines()):
             break
         time.sleep(1)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=_env(), check=True)
+    run(["scancel", "--signal=USR1", "--batch", job], env=_env(), check=True)
     info = _wait(job)
     log = "".join(p.read_text() for p in (run / "slurm").glob("*.out"))
     assert info["JobState"] == "COMPLETED", log[-4000:]
@@ -123,5 +121,5 @@ def test_usr1_preemption_saves_requeues_and_finishes_identically(dist_world, uni
 
 def test_more_nodes_than_the_cluster_has_is_a_clear_error(cluster, tmp_path):
     cmd = [str(Path(sys.executable).parent / "mtp-submit"), "slurm.nodes=5", f"trainer.run_dir={tmp_path / 'run'}"]
-    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=60)
+    out = run(cmd, env=_env(), timeout=60)
     assert out.returncode == 2 and "mtp-submit: error: sbatch refused the job" in out.stderr, out.stderr

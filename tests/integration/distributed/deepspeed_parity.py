@@ -21,7 +21,15 @@ from mtp_pretrain.config import MTPConfig, ParallelConfig
 from mtp_pretrain.engine.deepspeed import DeepSpeedEngine
 from mtp_pretrain.model.mtp_model import build_model, transformer_config
 from mtp_pretrain.trainer import head_metrics
-from tests.distributed.layout_parity import MICRO, OPTIM, STEPS, VOCAB, micro_batches, model_cfg, save_run
+from tests.integration.distributed.layout_parity import (
+    MICRO,
+    OPTIM,
+    STEPS,
+    VOCAB,
+    micro_batches,
+    model_cfg,
+    save_run,
+)
 
 N = 4
 RESHARD_SPEC = "2,1"  # ZeRO-2 on 2 ranks: the checkpoint a 1-rank run converts to DeepSpeed's universal format

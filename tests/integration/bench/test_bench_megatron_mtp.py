@@ -3,7 +3,7 @@
 import json
 import re
 
-from tests.tools.conftest import run_tool
+from tests.launch import tool as run_tool
 
 ROW = re.compile(
     r"^(ours|megatron)\s+[\d,]+\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+) -> ([\d.]+)\s+(yes|NO)\s*$"

@@ -3,7 +3,7 @@
 import json
 import re
 
-from tests.tools.conftest import run_tool
+from tests.launch import tool as run_tool
 
 ROW = re.compile(r"^(text|tokens)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(yes|no)\s*$")
 CONSUMPTION = re.compile(r"^training consumption: ([\d.]+) tokens/s")

@@ -1,9 +1,7 @@
 """Command-line entry points: set-up errors end with one line and exit status 2; the data tools work."""
 
 import json
-import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -11,18 +9,11 @@ import pytest
 from tokenizers import Tokenizer
 
 from mtp_pretrain.cli import make_shards, train_tokenizer
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.launch import clean_env, cli, run
 
 
 def _train_cli(*overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # set by our dist_world
-        env.pop(key, None)
-    return subprocess.run(
-        [sys.executable, "-m", "mtp_pretrain.cli", *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    return run(cli(*overrides), env=clean_env(WANDB_MODE="disabled"), timeout=120)
 
 
 def _error_lines(stderr: str) -> list[str]:

@@ -1,9 +1,6 @@
 """Multi-rank checks, launched with torchrun on gloo (each launch costs ~20 s here: keep them few)."""
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,22 +8,14 @@ import torch
 
 from mtp_pretrain.config import MTPConfig
 from mtp_pretrain.model.mtp_model import build_model, transformer_config
-from tests.distributed import loss_parity_tp as script
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def torchrun(nproc: int, script_path: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["PYTHONPATH"] = str(ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script_path), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+from tests.integration.distributed import loss_parity_tp as script
+from tests.launch import INTEGRATION, torchrun
 
 
 def launch_all(out: Path, script: str, launches: dict[int, list[str]]) -> Path:
     """One torchrun launch per world size of tests/distributed/<script> OUT SPEC...; fails with its output."""
     for world, specs in launches.items():
-        proc = torchrun(world, ROOT / "tests" / "distributed" / script, str(out), *specs, timeout=900)
+        proc = torchrun(world, INTEGRATION / "distributed" / script, str(out), *specs, timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out
 
@@ -49,7 +38,7 @@ def compare_to_reference(name: str, history: list[dict], ref_history: list[dict]
 
 def test_memory_efficient_loss_with_tp2_equals_naive_and_tp1(dist_world, tmp_path):
     out, logits_file = tmp_path / "losses.json", tmp_path / "logits.pt"
-    proc = torchrun(2, ROOT / "tests" / "distributed" / "loss_parity_tp.py", str(out), str(logits_file))
+    proc = torchrun(2, INTEGRATION / "distributed" / "loss_parity_tp.py", str(out), str(logits_file))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     tp2 = json.loads(out.read_text())
     # the same models and batches in this (TP=1) process

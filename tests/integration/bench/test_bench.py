@@ -2,7 +2,7 @@
 
 import json
 
-from tests.tools.conftest import run_tool
+from tests.launch import tool as run_tool
 
 TINY_MEMORY = "--vocab 2048 --seq 32 --batch 2 --hidden 32 --heads 2 --trunk-layers 1 --chunk 16 --n 1 2 --repeat 1"
 

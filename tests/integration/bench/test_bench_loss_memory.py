@@ -2,7 +2,7 @@
 
 import re
 
-from tests.tools.conftest import run_tool
+from tests.launch import tool as run_tool
 
 ROW = re.compile(r"^\s*(\d+)\s+(naive|efficient|chunked\(\d+\))\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$")
 

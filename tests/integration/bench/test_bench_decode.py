@@ -2,7 +2,7 @@
 
 import json
 
-from tests.tools.conftest import run_tool
+from tests.launch import tool as run_tool
 
 
 def test_speculative_decoding_is_measured_against_greedy(mtp_run, tmp_path):

@@ -3,10 +3,8 @@ stop file: the resumed run's losses and final parameters are bit-identical to an
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +14,8 @@ from megatron.core.dist_checkpointing.serialization import load_plain_tensors
 from mtp_pretrain.metrics import load_history
 from mtp_pretrain.preemption import EXIT_PREEMPTED
 from tests.conftest import tiny_run_overrides
+from tests.launch import clean_env, cli, start
 
-REPO = Path(__file__).resolve().parent.parent
 STEPS = 6
 
 
@@ -29,14 +27,7 @@ def _overrides(source: Path, cache: Path, run_dir: Path) -> list[str]:
 
 
 def _cli(overrides: list[str], crash_at: str | None = None, **popen) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                           "MASTER_PORT", "MTP_CRASH_AT")}  # fmt: skip
-    if crash_at:
-        env["MTP_CRASH_AT"] = crash_at
-    return subprocess.Popen(
-        [sys.executable, "-m", "mtp_pretrain.cli", *overrides], cwd=REPO, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen,
-    )  # fmt: skip
+    return start(cli(*overrides), env=clean_env(**({"MTP_CRASH_AT": crash_at} if crash_at else {})), **popen)
 
 
 def _run(overrides: list[str], crash_at: str | None = None) -> tuple[int, str]:

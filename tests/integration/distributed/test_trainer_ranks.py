@@ -6,8 +6,8 @@ import pytest
 
 from mtp_pretrain.trainer import Trainer
 from tests.conftest import compose_config
-from tests.distributed import trainer_ranks as script
-from tests.distributed.test_tensor_parallel import ROOT, torchrun
+from tests.integration.distributed import trainer_ranks as script
+from tests.launch import INTEGRATION, torchrun
 
 RESHARD_TOL = 2e-6  # another TP x PP layout: fp32 reduction-order noise; 1 ulp at a loss of ~12 is 9.5e-7
 
@@ -17,7 +17,7 @@ def runs(tmp_path_factory, synthetic_source):
     out = tmp_path_factory.mktemp("trainer_ranks")
     results = {}
     for world, mode in ((4, "save"), (2, "reshard")):
-        proc = torchrun(world, ROOT / "tests" / "distributed" / "trainer_ranks.py", mode, str(out), str(synthetic_source),
+        proc = torchrun(world, INTEGRATION / "distributed" / "trainer_ranks.py", mode, str(out), str(synthetic_source),
                         timeout=600)  # fmt: skip
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         results.update(json.loads((out / f"{mode}.json").read_text()))

@@ -1,24 +1,17 @@
 """tools/bench_gpu.sh in its dry mode (no CUDA here): the same code path as the 1B GPU run, on the tiny model."""
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
-from tests.tools.conftest import REPO
+from tests.launch import run
 
 
 def test_dry_run_reports_n1_and_n4(tmp_path: Path) -> None:
-    drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
     out = tmp_path / "bench.json"
-    run = subprocess.run(
-        ["bash", "tools/bench_gpu.sh", "--dry-run", "--json", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "DRY RUN" in run.stdout, run.stdout
-    assert "time ratio n4/n1" in run.stdout, run.stdout
+    run_ = run(["bash", "tools/bench_gpu.sh", "--dry-run", "--json", str(out)], timeout=180)
+    assert run_.returncode == 0, run_.stderr[-3000:]
+    assert "DRY RUN" in run_.stdout, run_.stdout
+    assert "time ratio n4/n1" in run_.stdout, run_.stdout
     result = json.loads(out.read_text())
     assert result["dry_run"] is True
     rows = {r["n"]: r for r in result["rows"]}

@@ -7,9 +7,9 @@ import pytest
 import torch
 from megatron.core import dist_checkpointing
 
-from tests.distributed import deepspeed_parity as script
-from tests.distributed import layout_parity
-from tests.distributed.test_tensor_parallel import compare_to_reference, launch_all
+from tests.integration.distributed import deepspeed_parity as script
+from tests.integration.distributed import layout_parity
+from tests.integration.distributed.test_tensor_parallel import compare_to_reference, launch_all
 
 LAUNCHES = {2: ["1,1", "1,2", "2,1", "2,2", "3,1", "3,2"], 4: ["1,2,tp2", "2,1,tp2"]}
 LOSS_TOL, PARAM_TOL = 1e-5, 3e-5  # as tests/distributed/test_layouts.py: fp32 reduction-order noise through Adam

@@ -11,7 +11,7 @@ import torch
 
 from mtp_pretrain.data.loader import BatchLoader
 from mtp_pretrain.data.stream import Dataset, PackedBatchStream
-from tests.data.conftest import DOCS_PER_SHARD, N_DOCS, doc_ids, take
+from tests.unit.data.conftest import DOCS_PER_SHARD, N_DOCS, doc_ids, take
 
 BATCH, SAMPLE = 2, 20
 

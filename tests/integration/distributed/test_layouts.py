@@ -10,8 +10,8 @@ import json
 import pytest
 from megatron.core import dist_checkpointing
 
-from tests.distributed import layout_parity as script
-from tests.distributed.test_tensor_parallel import compare_to_reference, launch_all
+from tests.integration.distributed import layout_parity as script
+from tests.integration.distributed.test_tensor_parallel import compare_to_reference, launch_all
 
 # world 2: TP2, PP2, DP2 (+ PP2 tied, PP2 uneven, PP2 x VPP2 interleaved);
 # world 4: TP2xPP2, DP2xPP2, DP2xTP2 (+ TP2xPP2 tied)
