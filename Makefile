@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 venv:
 	@bash tools/bootstrap.sh
 
-# Main job: n=4 tiny MTP model on the embedded Python-stdlib corpus, CPU, a few minutes.
+# Main job: the CPU demo recipe (conf/experiment/cpu_demo.yaml): n=4 tiny MTP model on the embedded
+# Python-stdlib corpus, CPU, a few minutes.
 train: venv
-	$(PY) -m mtp_pretrain.cli $(ARGS)
+	$(PY) -m mtp_pretrain.cli +experiment=cpu_demo $(ARGS)
 
 # The whole suite (CI); the slowest tests are listed at the end.
 test: venv lint

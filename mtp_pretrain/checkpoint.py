@@ -1,11 +1,13 @@
-"""Sharded checkpoints: save, find the latest, load. Knows only the state-dict protocol, not the model.
+"""Checkpoint storage: atomic step directories, verified before use, and the `latest` marker. What goes in
+them, from which parts, is checkpoint_manager.py's business; this module stores dicts and the engine's files.
 
 Layout of one checkpoint (one directory per step under `<run_dir>/checkpoints/`):
     step_00000100/
         <engine files>                        model + optimizer, sharded (megatron: dist_checkpointing,
                                               reshardable across TP/PP/DP; deepspeed: deepspeed/)
-        trainer.pt                            state shared by all ranks (step, schedule, config, versions)
-        rank_00000.pt ...                     per-rank state (RNG streams, data-loader position)
+        trainer.pt                            state shared by all ranks (step, schedule, every DP rank's
+                                              data-loader position, config, tokenizer, versions)
+        rank_00000.pt ...                     per-rank state (RNG streams)
         mtp_checkpoint.json                   written last inside the directory: files and sizes
     latest                                    name of the newest complete checkpoint, replaced atomically
 
@@ -27,8 +29,8 @@ from typing import Any
 
 import torch
 
-from mtp_pretrain.faults import crash_point, die_with_parent
 from mtp_pretrain.parallel import barrier, rank, world_size
+from mtp_pretrain.processes import die_with_parent
 
 FORMAT_VERSION = 1
 _LATEST = "latest"
@@ -104,8 +106,18 @@ class Checkpointer:
         self, step: int, write: Callable[[Path], None], common: dict[str, Any], per_rank: dict[str, Any]
     ) -> Path:
         """Checkpoint ``step``: ``write(directory)`` (collective) writes the engine's sharded model and
-        optimizer state; ``common`` (rank 0) and ``per_rank`` go next to it."""
+        optimizer state; ``common`` (rank 0) and ``per_rank`` go next to it. Three steps, each a point a
+        crash may hit (tests/faults.py kills the process at each): write into a hidden directory, commit it
+        (manifest, rename into place), then point `latest` at it."""
         final = self.root / step_dir_name(step)
+        tmp = self._write(final, write, common, per_rank)
+        if rank() == 0:
+            self._commit(tmp, final, step)
+            self._mark_latest(final)
+        barrier()
+        return final
+
+    def _write(self, final: Path, write: Callable[[Path], None], common: dict[str, Any], per_rank: dict[str, Any]) -> Path:
         tmp = self.root / f"{_TMP_PREFIX}{final.name}"
         if rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -122,23 +134,19 @@ class Checkpointer:
         if rank() == 0:
             torch.save(common, tmp / "trainer.pt")
         barrier()  # every rank's files are on disk
-        crash_point("save_written")
-        if rank() == 0:
-            meta = {
-                "format_version": FORMAT_VERSION,
-                "step": step,
-                "world_size": world_size(),
-                "files": _describe_files(tmp),
-            }
-            _atomic_write_text(tmp / "mtp_checkpoint.json", json.dumps(meta, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            crash_point("save_renamed")
-            _atomic_write_text(self.root / _LATEST, final.name)
-            self._retain()
-        barrier()
-        return final
+        return tmp
+
+    def _commit(self, tmp: Path, final: Path, step: int) -> None:
+        """Rank 0: the manifest of what was written, then the directory renamed into place (atomic)."""
+        meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": world_size(), "files": _describe_files(tmp)}
+        _atomic_write_text(tmp / "mtp_checkpoint.json", json.dumps(meta, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+    def _mark_latest(self, final: Path) -> None:
+        _atomic_write_text(self.root / _LATEST, final.name)
+        self._retain()
 
     def _retain(self) -> None:
         """Delete all but the newest keep_last complete checkpoints; never the one `latest` names."""

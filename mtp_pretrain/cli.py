@@ -15,9 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from mtp_pretrain.config import ConfigError, register_configs, to_config
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+from mtp_pretrain.config import CONF_DIR, ConfigError, register_configs, to_config
 
 
 def _quiet_libraries() -> None:
@@ -252,10 +250,11 @@ def evaluate(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--json", help="write the results here (default: print them)")
     a = p.parse_args(argv)
-    from mtp_pretrain.data.stream import Dataset, ShardReadError
+    from mtp_pretrain.data.datasets import Dataset
+    from mtp_pretrain.data.shard_reader import ShardReadError
     from mtp_pretrain.inference.evaluate import (
         acceptance,
-        head_metrics,
+        heldout_metrics,
         read_batches,
         run_validation_data,
         table,
@@ -268,7 +267,7 @@ def evaluate(argv: list[str] | None = None) -> None:
         else:
             datasets, mask, field = run_validation_data(model)
         batches = read_batches(model, datasets, a.batches, a.batch_size, field)
-        metrics = head_metrics(model, batches, mask)
+        metrics = heldout_metrics(model, batches, mask)
     except (ValueError, FileNotFoundError, ShardReadError) as e:
         print(f"mtp-eval: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -288,30 +287,59 @@ def evaluate(argv: list[str] | None = None) -> None:
         print(text)
 
 
-def submit(argv: list[str] | None = None) -> None:
-    """mtp-submit [--dry-run] [slurm.KEY=VALUE ...] [training overrides ...]: one SLURM job (see slurm.py)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+def plot(argv: list[str] | None = None) -> None:
+    """mtp-plot RUN_DIR [RUN_DIR ...]: per-head train (solid) and val (dashed) loss curves from metrics.jsonl;
+    several runs are compared head by head, one colour per run (e.g. n=1 against n=4)."""
+    p = argparse.ArgumentParser(prog="mtp-plot", description=plot.__doc__)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories holding metrics.jsonl")
+    p.add_argument(
+        "--out", help="PNG to write (default: RUN_DIR/loss_curves.png; several: ./loss_curves_compare.png)"
+    )
+    p.add_argument("--logy", action="store_true", help="log-scale loss axis")
+    p.add_argument("--title", help="figure title")
+    a = p.parse_args(argv)
+    from mtp_pretrain.metrics.plot import COMPARE_FILE, PLOT_FILE, load_runs, plot_runs
 
-    from mtp_pretrain.slurm import SlurmConfig, SubmitError, sbatch_script
+    out = Path(a.out or (Path(a.run_dirs[0]) / PLOT_FILE if len(a.run_dirs) == 1 else COMPARE_FILE))
+    try:
+        if plot_runs(load_runs(a.run_dirs), out, title=a.title, logy=a.logy) is None:
+            raise ValueError(f"no loss records in {', '.join(a.run_dirs)}")
+    except (ValueError, OSError) as e:  # OSError: a missing metrics.jsonl, an unwritable --out
+        print(f"mtp-plot: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {out}")
+
+
+def submit(argv: list[str] | None = None) -> None:
+    """mtp-submit [--dry-run] [slurm=PRESET] [slurm.KEY=VALUE ...] [training overrides ...]: one SLURM job
+    (see slurm.py); the request composes conf/submit.yaml, the training overrides conf/train.yaml."""
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from mtp_pretrain.config import SubmitConfig, compose, compose_train_config
+    from mtp_pretrain.slurm import SubmitError, sbatch_script, split_overrides
     from mtp_pretrain.slurm import submit as sbatch_submit
 
     p = argparse.ArgumentParser(prog="mtp-submit", description=submit.__doc__)
     p.add_argument("--dry-run", action="store_true", help="write <run_dir>/slurm/job.sbatch, do not submit")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
-    slurm_args = [o.removeprefix("slurm.") for o in a.overrides if o.startswith("slurm.")]
-    train_args = [o for o in a.overrides if not o.startswith("slurm.")]
     try:
-        register_configs()
-        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-            cfg = to_config(compose(config_name="train", overrides=train_args))  # the job's config, checked now
-        slurm = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SlurmConfig), OmegaConf.from_dotlist(slurm_args)))
+        request_args, train_args = split_overrides(a.overrides)
+        cfg = compose_train_config(train_args)  # the job's config, checked now
+        # as plain values into the schema: Hydra lets +slurm.KEY=... append a key SlurmConfig lacks
+        raw = OmegaConf.to_container(compose(request_args, config_name="submit"))
+        request = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SubmitConfig), raw))
         run_dir = Path(cfg.trainer.run_dir).resolve()
-        script = sbatch_script(slurm, run_dir, train_args, cfg.trainer.stop_file)  # type: ignore[arg-type]
+        slurm = request.slurm  # type: ignore[union-attr]
+        script = sbatch_script(slurm, run_dir, train_args, cfg.trainer.stop_file)
         print(sbatch_submit(script, run_dir, dry_run=a.dry_run))
-    except (ValueError, SubmitError, KeyError) as e:
-        print(f"mtp-submit: error: {e}", file=sys.stderr)
+    except (ValueError, SubmitError, KeyError, HydraException, OmegaConfBaseException) as e:
+        # one line, as every other error: Hydra's messages span several, their cause holds the detail
+        detail = e.__cause__ if isinstance(e, HydraException) else None
+        cause = f": {str(detail).splitlines()[0]}" if detail else ""
+        print(f"mtp-submit: error: {' '.join(f'{e}{cause}'.split())}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -2,15 +2,28 @@
 
 The YAML files under conf/ fill these; a typo in a key is rejected by Hydra's structured-config check, and
 `validate()` rejects bad combinations with one line that names the key and the fix.
+
+One source of truth per value: the dataclass fields below hold the defaults; a preset (conf/<group>/*.yaml)
+lists only the keys it sets (those that differ from the defaults, plus the ones its name stands for, such
+as `mtp=n4`'s n); conf/train.yaml only chooses presets; a run recipe (conf/experiment/*.yaml, composed
+with `+experiment=NAME`) sets what one run needs across groups. Where a preset keeps a value other than
+the default, its comment says why.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+# The presets live in conf/ at the repo root; mtp_pretrain/conf links there so that the wheel carries them
+# as package data (pyproject.toml): one path serves a checkout (editable install) and an installed wheel.
+CONF_DIR = str((Path(__file__).resolve().parent / "conf").resolve())
+
 
 
 class ConfigError(ValueError):
@@ -39,7 +52,7 @@ class MTPConfig:
     loss_weights: list[float] | None = None  # per-head weights; None = [1, w, ..., w], w = extra_heads_weight
     # Weight of heads 2..n relative to head 1 when loss_weights is not given. The paper sums the heads
     # (1.0); DeepSeek-V3 (megatron's mtp_loss_scaling_factor) uses 0.1-0.3. Small models need it low:
-    # see conf/train.yaml.
+    # see conf/experiment/cpu_demo.yaml.
     extra_heads_weight: float = 1.0
     memory_efficient: bool = True  # per-head forward/backward on the detached trunk output
     chunk_size: int = 0  # > 0: unembedding + CE in sequence chunks of this length
@@ -65,7 +78,7 @@ class DataConfig:
     # Either a corpus built once from sources (default: the Python stdlib) ...
     source: list[str] | None = None  # directories / .txt / .jsonl files; None = the Python stdlib
     cache_dir: str = ".cache/data"  # tokenizer + shards are built here once and reused
-    vocab_size: int = 4096  # tokenizer vocabulary trained offline
+    vocab_size: int = 4096  # tokenizer vocabulary trained offline (the CPU demo's 1024: cpu_demo.yaml)
     val_shards: int = 1  # last shards held out for validation
     docs_per_shard: int = 64  # ~11 shards for the stdlib: a validation shard, and one per DP rank
     # ... or pre-built shards (these replace the built corpus when set)
@@ -80,6 +93,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    # mtp-train's schedule comes from conf/optim/adamw.yaml (tuned on the small presets); these defaults
+    # serve code that builds an OptimConfig directly (benchmarks, tests).
     lr: float = 1e-3
     min_lr: float = 1e-4
     weight_decay: float = 0.1
@@ -102,7 +117,8 @@ class ParallelConfig:
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
     # engine=deepspeed only
-    zero_stage: int = 1  # 0-3: shard optimizer state (1), + gradients (2), + parameters (3)
+    # 0-3: shard optimizer state (1), + gradients (2), + parameters (3); the parallel=deepspeed preset picks 2
+    zero_stage: int = 1
     offload_optimizer: bool = False  # optimizer state and step on the CPU (torch AdamW: nothing to compile)
     offload_params: bool = False  # parameters on the CPU between uses (ZeRO-3)
     deepspeed_config: str | None = None  # a DeepSpeed JSON file merged over the generated config
@@ -152,9 +168,42 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+@dataclass
+class SlurmConfig:
+    nodes: int = 1
+    procs_per_node: int = 1  # training processes per node (= GPUs per node on GPU clusters)
+    gpus_per_node: int = 0  # --gpus-per-node; 0 on CPU clusters
+    cpus_per_task: int = 2  # one task (torchrun) per node: CPUs for all its processes
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "01:00:00"
+    job_name: str = "mtp-pretrain"
+    port: int = 29500  # rendezvous port on the first node
+    signal_seconds: int = 120  # USR1 this long before the time limit: save and requeue
+    max_requeues: int = 3
+    # run before training (modules, venv, NCCL env, ...); on the command line, quote shell text for Hydra:
+    # "slurm.setup='source .venv/bin/activate; export NCCL_IB_DISABLE=0'"
+    setup: str = "source .venv/bin/activate"
+    extra_sbatch: list[str] = field(default_factory=list)  # more "#SBATCH" lines, e.g. ["--exclusive"]
+    # torchrun advertises its host name to the other nodes; where that name does not resolve to a reachable
+    # address (containers, network namespaces), advertise the node's first IP instead (--local-addr)
+    local_addr_from_ip: bool = False
+
+
+@dataclass
+class SubmitConfig:
+    """The root of conf/submit.yaml: what mtp-submit asks SLURM for (the job's training config is apart)."""
+
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
 def register_configs() -> None:
+    """The schemas of conf/train.yaml (root ``base_config``, one ``base_<group>`` per group) and of
+    mtp-submit's conf/submit.yaml (root ``base_submit``, the ``slurm`` group)."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
+    cs.store(name="base_submit", node=SubmitConfig)
     for group, node in [
         ("model", ModelConfig),
         ("mtp", MTPConfig),
@@ -163,8 +212,24 @@ def register_configs() -> None:
         ("parallel", ParallelConfig),
         ("trainer", TrainerConfig),
         ("logging", LoggingConfig),
+        ("slurm", SlurmConfig),
     ]:
         cs.store(group=group, name=f"base_{group}", node=node)
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
+    """conf/<config_name>.yaml composed by Hydra with ``overrides``, as the entry points compose it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def compose_train_config(overrides: Sequence[str] = ()) -> Config:
+    """The validated training config of ``mtp-train OVERRIDES`` (raises ConfigError / Hydra's errors)."""
+    return to_config(compose(overrides))
 
 
 def ffn_hidden_size(m: ModelConfig) -> int:

@@ -1,4 +1,6 @@
-"""Model FLOPs per trained token, from the model's shape, and this machine's peak for MFU."""
+"""Model FLOPs per trained token and weight counts, from the model's shape; this machine's peak FLOP/s; MFU.
+
+The one place for these formulas: the trainer and every benchmark ask here."""
 
 from __future__ import annotations
 
@@ -14,6 +16,13 @@ def block_params(m: ModelConfig) -> int:
     d, heads = m.hidden_size, m.num_attention_heads
     kv = (m.num_query_groups or heads) * (d // heads)
     return d * (d + 2 * kv) + d * d + 3 * d * ffn_hidden_size(m)
+
+
+def model_params(m: ModelConfig, vocab_size: int) -> int:
+    """Weights of the whole model, norms excluded: L blocks, the embedding and the unembedding (one matrix
+    when they are tied). ``vocab_size`` as the caller counts it (the tokenizer's, or the padded one)."""
+    embeddings = 1 if m.tie_embeddings else 2
+    return m.num_layers * block_params(m) + embeddings * vocab_size * m.hidden_size
 
 
 def train_flops_per_token(m: ModelConfig, n_heads: int, vocab_size: int) -> float:
@@ -44,3 +53,9 @@ def peak_flops(dtype: torch.dtype = torch.float32) -> float:
         a @ a
         best = max(best, 2 * 1024**3 / (time.perf_counter() - t0))
     return best
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops_total: float) -> float:
+    """Model FLOPs utilisation, a fraction (0.45 = 45%): the model FLOPs done per second over the peak of
+    every device that did them (``peak_flops(dtype)`` x the devices)."""
+    return tokens_per_s * flops_per_token / peak_flops_total

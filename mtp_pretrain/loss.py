@@ -9,13 +9,14 @@ backward hands the accumulated gradient to h and to every head parameter. The mo
 scalar loss like any other, and everything outside — the pipeline schedule, grad accumulation scaling,
 megatron DDP's grad-ready hooks, DeepSpeed ZeRO's — sees each parameter receive its gradient exactly once.
 (Calling backward once per head instead fires those hooks n times for the shared unembedding: wrong
-gradients under ZeRO and overlapped DDP reduction, measured; see ARCHITECTURE.md §6.) The inner backwards use
+gradients under ZeRO and overlapped DDP reduction, measured; see docs/architecture.md §6.) The inner backwards use
 `torch.autograd.grad`, which returns gradients instead of accumulating into `.grad`, so no hook fires early.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,46 +24,17 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch import Tensor
 
+from mtp_pretrain.config import MTPConfig
 from mtp_pretrain.model.heads import MTPHeads
-from mtp_pretrain.targets import HeadTargets
-
-# per-head statistics, rows of the [n, 3] stats tensor the loss returns (sums, so they reduce across
-# micro-batches and data-parallel ranks by addition)
-STAT_LOSS_SUM, STAT_CORRECT, STAT_COUNT = 0, 1, 2
-
-
-def _vocab_parallel_argmax(logits: Tensor) -> Tensor:
-    """argmax over a vocabulary split across tensor-parallel ranks (global token ids)."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    local_max, local_idx = logits.max(dim=-1)
-    if tp == 1:
-        return local_idx
-    group = parallel_state.get_tensor_model_parallel_group()
-    local_idx = local_idx + parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
-    global_max = local_max.clone()
-    torch.distributed.all_reduce(global_max, op=torch.distributed.ReduceOp.MAX, group=group)
-    # ties: the lowest id wins, as torch.argmax does on one rank
-    candidate = torch.where(local_max == global_max, local_idx, torch.full_like(local_idx, 2**62))
-    torch.distributed.all_reduce(candidate, op=torch.distributed.ReduceOp.MIN, group=group)
-    return candidate
-
-
-def mask_vocab_padding(logits: Tensor, vocab_limit: int | None) -> Tensor:
-    """Vocab-parallel logits [..., V/tp] with the columns of padding ids (>= vocab_limit) at -inf: the padded
-    vocabulary (a multiple of 128 x TP) then changes nothing, so any TP layout computes the same loss."""
-    width = logits.shape[-1]
-    start = parallel_state.get_tensor_model_parallel_rank() * width
-    if vocab_limit is None or start + width <= vocab_limit:
-        return logits
-    ids = torch.arange(start, start + width, device=logits.device)
-    return logits.masked_fill(ids >= vocab_limit, float("-inf"))
+from mtp_pretrain.model.vocab import mask_vocab_padding, vocab_parallel_argmax
+from mtp_pretrain.targets import HeadStats, HeadTargets
 
 
 def _chunk_ce(logits: Tensor, target: Tensor, valid: Tensor, vocab_limit: int | None = None) -> tuple[Tensor, Tensor]:
     """Summed CE over valid positions (differentiable) and the number of correct top-1 predictions."""
     # CE in fp32 under bf16 training, as megatron does (fp16_lm_cross_entropy=False)
     logits = mask_vocab_padding(logits.float(), vocab_limit)
-    correct = ((_vocab_parallel_argmax(logits.detach()) == target) & valid).sum()
+    correct = ((vocab_parallel_argmax(logits.detach()) == target) & valid).sum()
     # megatron's vocab-parallel CE even at TP=1: it works in place on the logits, so the chunk's softmax
     # costs no second V-sized buffer (torch's fused CE saves its own log-softmax: measured 3% faster
     # step on the CPU demo, but one more logits-sized tensor at the peak this loss exists to keep low).
@@ -96,23 +68,44 @@ class _DetachedHeadsLoss(torch.autograd.Function):
         return (grad_h.mul_(grad_loss), None, *scaled)
 
 
-def mtp_loss(
-    h: Tensor,
-    heads: MTPHeads,
-    unembed: Callable[[Tensor], Tensor],
-    unembed_weight: torch.nn.Parameter,
-    targets: HeadTargets,
-    rotary_pos_emb: Tensor | None,
-    weights: Sequence[float],
-    chunk_size: int = 0,
-    memory_efficient: bool = True,
-    vocab_limit: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Loss = sum_i w_i * mean CE of head i over its valid targets, and [n, 3] per-head stats.
+@dataclass(frozen=True)
+class MTPLoss:
+    """The loss of the heads, as the model's last stage calls it (``loss_fn`` of MTPModel): the MTP settings
+    bound, the model's tensors passed in. Returns (weighted total loss, per-head statistics)."""
 
-    h: trunk output [T, B, d]. `unembed` maps [t, B, d] -> vocab-parallel logits [t, B, V/tp] with
-    `unembed_weight`. chunk_size > 0 computes the unembedding + CE in sequence chunks of that length.
-    """
+    weights: Sequence[float]  # per head (MTPConfig.weights())
+    chunk_size: int = 0
+    memory_efficient: bool = True
+    vocab_limit: int | None = None  # ids >= this are vocabulary padding: never predicted
+
+    @classmethod
+    def from_config(cls, mtp: MTPConfig, vocab_limit: int | None = None) -> MTPLoss:
+        return cls(tuple(mtp.weights()), mtp.chunk_size, mtp.memory_efficient, vocab_limit)
+
+    def __call__(
+        self,
+        h: Tensor,
+        heads: MTPHeads,
+        unembed: Callable[[Tensor], Tensor],
+        unembed_weight: torch.nn.Parameter,
+        targets: HeadTargets,
+        rotary_pos_emb: Tensor | None,
+    ) -> tuple[Tensor, HeadStats]:
+        """Loss = sum_i w_i * mean CE of head i over its valid targets, and the per-head statistics.
+
+        h: trunk output [T, B, d]. `unembed` maps [t, B, d] -> vocab-parallel logits [t, B, V/tp] with
+        `unembed_weight`. chunk_size > 0 computes the unembedding + CE in sequence chunks of that length.
+        """
+        loss, stats = _loss_and_stats(self, h, heads, unembed, unembed_weight, targets, rotary_pos_emb)
+        return loss, HeadStats.unpacked(stats)
+
+
+def _loss_and_stats(  # MTPLoss.__call__'s body: the autograd Function inside returns tensors only
+    settings: MTPLoss, h: Tensor, heads: MTPHeads, unembed: Callable[[Tensor], Tensor],
+    unembed_weight: torch.nn.Parameter, targets: HeadTargets, rotary_pos_emb: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """(loss, [n, 3] per-head stats as :meth:`HeadStats.packed` lays them out)."""
+    weights, chunk_size, vocab_limit = settings.weights, settings.chunk_size, settings.vocab_limit
     seq_len, n = h.shape[0], heads.n
     per_head = [targets.of_head(i, seq_len) for i in range(n)]
     # mean over this micro-batch's valid targets; the scale is a constant of the graph, like a loss weight
@@ -173,7 +166,7 @@ def mtp_loss(
         rows = [head_loss(i, h, w_grad=None)[:2] for i in range(n)]
         return total_loss(rows), stats_of(rows)
 
-    if not memory_efficient:  # the reference: every head's logits stay alive in one graph
+    if not settings.memory_efficient:  # the reference: every head's logits stay alive in one graph
         rows, terms = [], []
         for i in range(n):
             tgt, valid = per_head[i]

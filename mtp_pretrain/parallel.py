@@ -19,11 +19,13 @@ from mtp_pretrain import compat
 
 @dataclass(frozen=True)
 class Layout:
-    """Tensor × pipeline × data parallel sizes of this job; validated once, asked by everyone else."""
+    """Tensor × pipeline (× virtual pipeline) × data parallel sizes of this job; validated once, asked by
+    everyone else."""
 
     world_size: int
     tp: int = 1
     pp: int = 1
+    vpp: int | None = None  # model chunks per pipeline rank (interleaved schedule); None = one
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1:
@@ -64,7 +66,7 @@ def init_distributed(
             dist.init_process_group(
                 backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
             )
-    layout = Layout(world_size=dist.get_world_size(), tp=tp, pp=pp)
+    layout = Layout(world_size=dist.get_world_size(), tp=tp, pp=pp, vpp=vpp if vpp and vpp > 1 else None)
     if parallel_state.model_parallel_is_initialized() and (
         parallel_state.get_tensor_model_parallel_world_size() != tp
         or parallel_state.get_pipeline_model_parallel_world_size() != pp

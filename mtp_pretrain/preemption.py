@@ -1,8 +1,8 @@
 """Graceful stop: SIGTERM / SIGUSR1 or a stop file make every rank save at the next step boundary and exit.
 
 A signal reaches one process (torchrun does not forward SIGUSR1 to its workers; SLURM may signal only the
-batch shell), so the decision is agreed each step with one tiny all-reduce (MAX over the world): if any
-rank was asked to stop, all stop after the same step, save one checkpoint and exit with
+batch shell), so the decision is agreed each step in the engine's one flag all-reduce (MAX over the world, together
+with the non-finite-loss flag): if any rank was asked to stop, all stop after the same step, save one checkpoint and exit with
 ``EXIT_PREEMPTED`` for the launcher to requeue. The stop file (``<run_dir>/STOP`` by default) is how a
 batch script reaches workers that never see its signal; it is removed once the checkpoint is written.
 """
@@ -13,11 +13,6 @@ import signal
 import threading
 from pathlib import Path
 from types import FrameType
-
-import torch
-import torch.distributed as dist
-
-from mtp_pretrain import compat
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" — the launcher requeues, the run resumes
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -43,16 +38,18 @@ class StopRequest:
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous = {}
 
-    def should_stop(self) -> bool:
-        """True on every rank if any rank got a signal or sees the stop file (a collective: call on all)."""
+    def requested(self) -> bool:
+        """Whether THIS rank was asked to stop (a signal, or the stop file). The engine agrees it across
+        ranks in the step's one flag all-reduce (engine/base.py); :meth:`agreed` takes the answer."""
         if self.reason is None and self.stop_file is not None and self.stop_file.exists():
             self.reason = f"stop file {self.stop_file}"
-        flag = torch.tensor([0.0 if self.reason is None else 1.0], device=compat.device())
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0 and self.reason is None:
+        return self.reason is not None
+
+    def agreed(self, any_rank: bool) -> bool:
+        """Record the world's answer (any rank asked): every rank then stops after the same step."""
+        if any_rank and self.reason is None:
             self.reason = "another rank was asked to stop"
-        return flag.item() > 0
+        return any_rank
 
     def acknowledge(self) -> None:
         """The checkpoint is written: remove the stop file so the requeued run does not stop at once."""

@@ -10,6 +10,10 @@ Preemption: SLURM sends SIGUSR1 to the batch shell ``signal_seconds`` before the
 trainer's stop file (``<run_dir>/STOP``, see mtp_pretrain/preemption.py): every rank saves at the next step
 boundary, removes the stop file and exits 75; seeing the file gone, the script ``scontrol requeue``s the job
 (at most ``max_requeues`` times).
+
+The request is Hydra config too: mtp-submit composes conf/submit.yaml (the ``slurm`` group: conf/slurm/*.yaml
+over :class:`SlurmConfig`) from the ``slurm=PRESET`` / ``slurm.KEY=VALUE`` overrides, and conf/train.yaml
+from all the others, which the job receives verbatim.
 """
 
 from __future__ import annotations
@@ -17,32 +21,34 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from mtp_pretrain.config import SlurmConfig
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL_ADDR = ' --local-addr=$(hostname -I | cut -d" " -f1)'
 
 
-@dataclass
-class SlurmConfig:
-    nodes: int = 1
-    procs_per_node: int = 1  # training processes per node (= GPUs per node on GPU clusters)
-    gpus_per_node: int = 0  # --gpus-per-node; 0 on CPU clusters
-    cpus_per_task: int = 2  # one task (torchrun) per node: CPUs for all its processes
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time: str = "01:00:00"
-    job_name: str = "mtp-pretrain"
-    port: int = 29500  # rendezvous port on the first node
-    signal_seconds: int = 120  # USR1 this long before the time limit: save and requeue
-    max_requeues: int = 3
-    setup: str = "source .venv/bin/activate"  # run before training (modules, venv, NCCL env, ...)
-    extra_sbatch: list[str] = field(default_factory=list)  # more "#SBATCH" lines, e.g. ["--exclusive"]
-    # torchrun advertises its host name to the other nodes; where that name does not resolve to a reachable
-    # address (containers, network namespaces), advertise the node's first IP instead (--local-addr)
-    local_addr_from_ip: bool = False
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """``(request, training)`` overrides as Hydra parses them: those on the ``slurm`` group or its keys
+    (``slurm=PRESET``, ``slurm.nodes=2``, ``+slurm.x=...``) compose the request; the others are the job's
+    training overrides, unchanged and in order. ``hydra.*`` ones (e.g. a searchpath) go to both."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as e:
+        hint = "quote a value holding shell text, e.g. \"slurm.setup='module load x; source y'\""
+        raise SubmitError(f"{' '.join(str(e).split())} ({hint})") from e
+    request, training = [], []
+    for override, line in zip(parsed, overrides, strict=True):
+        root = override.key_or_group.split(".")[0]
+        if root in ("slurm", "hydra"):
+            request.append(line)
+        if root != "slurm":
+            training.append(line)
+    return request, training
 
 
 class SubmitError(RuntimeError):

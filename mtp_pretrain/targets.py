@@ -3,6 +3,7 @@ training, evaluation and inference share it."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -75,3 +76,11 @@ class HeadStats:
         for k, (lo, ac) in enumerate(zip(loss, acc, strict=True), start=1):
             out[f"loss/head{k}"], out[f"acc/head{k}"] = lo, ac
         return out
+
+
+def with_targets(
+    tokens: Iterable[Tensor], eos: int, pad: int, mask_doc_boundaries: bool
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Packed batches [B, T+n] -> the model's inputs (tokens, target validity, document numbers)."""
+    for t in tokens:
+        yield (t, *target_mask(t, eos, pad, mask_doc_boundaries))

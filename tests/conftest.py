@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mtp_pretrain import parallel
-from mtp_pretrain.config import ModelConfig, MTPConfig
+from mtp_pretrain.config import Config, ModelConfig, MTPConfig, compose_train_config
 
 if TYPE_CHECKING:  # imported lazily below: the trainer pulls in megatron
     from mtp_pretrain.inference.weights import LoadedModel
@@ -52,16 +52,9 @@ def synthetic_source(tmp_path_factory):
     return root
 
 
-def compose_config(*overrides: str):
+def compose_config(*overrides: str) -> Config:
     """The real Hydra config (conf/train.yaml) with overrides, as the CLI builds it."""
-    from hydra import compose, initialize_config_dir
-
-    from mtp_pretrain.cli import CONF_DIR
-    from mtp_pretrain.config import register_configs, to_config
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return to_config(compose(config_name="train", overrides=list(overrides)))
+    return compose_train_config(overrides)
 
 
 def tiny_run_overrides(source, cache, run_dir, **extra) -> list[str]:

@@ -2,8 +2,7 @@
 root in a clean environment.
 
 The pytest process holds a private torch.distributed world of one (tests/conftest.py), whose RANK /
-MASTER_PORT ... variables would make a child join that world instead of starting its own; a crash-injection
-variable of one test must not leak into another's child either.
+MASTER_PORT ... variables would make a child join that world instead of starting its own.
 """
 
 from __future__ import annotations
@@ -16,11 +15,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 INTEGRATION = ROOT / "tests" / "integration"
-# torch.distributed / torchrun variables, and the fault-injection switch (tests/faults.py)
-_DROP = (
-    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
-    "TORCHELASTIC_RUN_ID", "MTP_CRASH_AT",
-)  # fmt: skip
+# torch.distributed / torchrun variables
+_DROP = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def clean_env(**extra: str) -> dict[str, str]:

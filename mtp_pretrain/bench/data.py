@@ -1,8 +1,9 @@
 """Data-loader throughput vs the training step's consumption, in tokens/s, measured in one run.
 
-The config is the real `conf/train.yaml` (default: tiny model, mtp n=4, micro batch 16, seq 128, the
-Python-stdlib corpus at vocab 1024), composed with Hydra exactly as `mtp-train` does; extra Hydra overrides
-(`model=small`, `trainer.micro_batch_size=8`, ...) go after the options and apply to both parts.
+The config is the real `make train` recipe (`+experiment=cpu_demo`: tiny model, mtp n=4, micro batch 16,
+seq 128, the Python-stdlib corpus at vocab 1024), composed with Hydra exactly as `mtp-train` does; extra
+Hydra overrides (`model=small`, `trainer.micro_batch_size=8`, ...) go after the options and apply to both
+parts.
 
 Loader. The project's `BatchLoader` over the corpus's training shards, once with the raw-text shards of
 the corpus cache (tokenized while reading) and once with pre-tokenized copies of the same documents
@@ -37,20 +38,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from mtp_pretrain.bench.options import bench_parser, report
+from mtp_pretrain.config import compose_train_config
+
 TARGET = 20.0  # loader tokens/s >= TARGET x training consumption
-
-
-def compose(overrides: list[str]):
-    """The real Hydra config (conf/train.yaml) with ``overrides``, as the CLI builds it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from mtp_pretrain.cli import CONF_DIR
-    from mtp_pretrain.config import register_configs, to_config
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return to_config(hydra_compose(config_name="train", overrides=list(overrides)))
 
 
 def _documents(urls: list[str]):
@@ -71,24 +62,32 @@ def write_token_shards(
 
     workers = max(1, min(2, len(os.sched_getaffinity(0))))
     paths = write_shards(
-        _documents(urls), out_dir, max_docs_per_shard=docs_per_shard, tokenizer_path=tokenizer_path,
+        _documents(urls),
+        out_dir,
+        max_docs_per_shard=docs_per_shard,
+        tokenizer_path=tokenizer_path,
         workers=workers,
-    )  # fmt: skip
+    )
     return [str(p) for p in paths]
 
 
 def measure_loader(urls, tokenizer_path, cfg, workers: int, seconds: float, min_batches: int) -> dict:
     """Start-up time and steady rate of one BatchLoader configuration."""
+    from mtp_pretrain.data.datasets import Dataset
     from mtp_pretrain.data.loader import BatchLoader
-    from mtp_pretrain.data.stream import Dataset
 
     t = cfg.trainer
     sample_len = cfg.model.seq_len + cfg.mtp.n
     t0 = time.perf_counter()
     loader = BatchLoader(
-        [Dataset.of(urls)], tokenizer_path, t.micro_batch_size, sample_len, seed=t.seed, num_workers=workers,
+        [Dataset.of(urls)],
+        tokenizer_path,
+        t.micro_batch_size,
+        sample_len,
+        seed=t.seed,
+        num_workers=workers,
         on_error="raise",
-    )  # fmt: skip
+    )
     try:
         first = next(loader)
         startup = time.perf_counter() - t0
@@ -119,11 +118,9 @@ def measure_consumption(overrides: list[str], steps: int, warmup: int) -> dict:
     from mtp_pretrain.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="bench_data_run.") as run_dir:
-        cfg = compose([
-            *overrides, f"trainer.steps={steps}", "trainer.val_every=0", "trainer.save_every=0",
-            f"trainer.run_dir={run_dir}", "trainer.resume=none", "logging.wandb_mode=disabled",
-            "logging.plot=false", "logging.log_every=1",
-        ])  # fmt: skip
+        run_overrides = [f"trainer.steps={steps}", "trainer.val_every=0", "trainer.save_every=0"]
+        run_overrides += [f"trainer.run_dir={run_dir}", "trainer.resume=none", "logging.wandb_mode=disabled"]
+        cfg = compose_train_config([*overrides, *run_overrides, "logging.plot=false", "logging.log_every=1"])
         console = io.StringIO()  # the trainer's per-step lines; shown only if it fails
         try:
             with contextlib.redirect_stdout(console):
@@ -156,16 +153,16 @@ def run(args: argparse.Namespace) -> dict:
     from mtp_pretrain import parallel
     from mtp_pretrain.data.corpus import prepare_corpus
 
-    overrides = list(args.overrides)
+    overrides = ["+experiment=cpu_demo", *args.overrides]  # the main job's config (make train)
     if args.source:
         overrides.append("data.source=[" + ",".join(f"'{Path(s).resolve()}'" for s in args.source) + "]")
-    for key, value in (
-        ("data.cache_dir", args.cache_dir), ("data.vocab_size", args.vocab_size),
-        ("data.docs_per_shard", args.docs_per_shard),
-    ):  # fmt: skip
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    cfg = compose(overrides)
+    given = {
+        "data.cache_dir": args.cache_dir,
+        "data.vocab_size": args.vocab_size,
+        "data.docs_per_shard": args.docs_per_shard,
+    }
+    overrides += [f"{key}={value}" for key, value in given.items() if value is not None]
+    cfg = compose_train_config(overrides)
     d = cfg.data
     if d.datasets:
         raise SystemExit("bench_data: measures the corpus built from data.source; data.datasets is set")
@@ -180,14 +177,17 @@ def run(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         token_urls = write_token_shards(corpus.train_urls, corpus.tokenizer_path, Path(tmp), d.docs_per_shard)
         print(
-            f"pre-tokenized {n_shards} training shards -> {len(token_urls)} in {time.perf_counter() - t0:.1f}s"
+            f"pre-tokenized {n_shards} training shards -> {len(token_urls)} "
+            f"in {time.perf_counter() - t0:.1f}s"
         )
         for content, urls in (("text", corpus.train_urls), ("tokens", token_urls)):
             for w in workers:
                 r = measure_loader(urls, corpus.tokenizer_path, cfg, w, args.seconds, args.min_batches)
                 rows.append({"content": content, "workers": w, **r})
-                print(f"  loader {content:<6} workers={w}: {r['tokens_per_s']:.0f} tokens/s "
-                      f"({r['batches']} batches in {r['seconds']:.2f}s, start-up {r['startup_s']:.2f}s)")  # fmt: skip
+                print(
+                    f"  loader {content:<6} workers={w}: {r['tokens_per_s']:.0f} tokens/s "
+                    f"({r['batches']} batches in {r['seconds']:.2f}s, start-up {r['startup_s']:.2f}s)"
+                )
 
     consumption = measure_consumption(overrides, args.train_steps, args.warmup_steps)
     parallel.destroy_distributed()
@@ -215,17 +215,25 @@ def run(args: argparse.Namespace) -> dict:
 
 def print_table(result: dict) -> None:
     c, cons = result["config"], result["consumption"]
-    print(f"\ndata loader vs training consumption, measured in one run on this machine ({c['cpus']} CPUs): "
-          f"model {c['model']}, n={c['mtp_n']}, B={c['micro_batch_size']}, T={c['seq_len']} "
-          f"(rows of {c['sample_len']} tokens), vocab {c['vocab_size']}, {c['train_shards']} training shards")  # fmt: skip
-    print(f"training consumption: {cons['tokens_per_s']:.0f} tokens/s ({cons['steps']} timed steps, "
-          f"{cons['step_s_mean']:.3f} s/step, {cons['tokens_per_step']} tokens/step, "
-          f"trainer loader workers={c['trainer_num_workers']})")  # fmt: skip
-    print(f"{'content':<8} {'workers':>7} {'start-up s':>10} {'loader tokens/s':>16} {'x consumption':>14} "
-          f"{f'>= {TARGET:.0f}x':>7}")  # fmt: skip
+    print(
+        f"\ndata loader vs training consumption, measured in one run on this machine ({c['cpus']} CPUs): "
+        f"model {c['model']}, n={c['mtp_n']}, B={c['micro_batch_size']}, T={c['seq_len']} "
+        f"(rows of {c['sample_len']} tokens), vocab {c['vocab_size']}, {c['train_shards']} training shards"
+    )
+    print(
+        f"training consumption: {cons['tokens_per_s']:.0f} tokens/s ({cons['steps']} timed steps, "
+        f"{cons['step_s_mean']:.3f} s/step, {cons['tokens_per_step']} tokens/step, "
+        f"trainer loader workers={c['trainer_num_workers']})"
+    )
+    print(
+        f"{'content':<8} {'workers':>7} {'start-up s':>10} {'loader tokens/s':>16} {'x consumption':>14} "
+        f"{f'>= {TARGET:.0f}x':>7}"
+    )
     for r in result["rows"]:
-        print(f"{r['content']:<8} {r['workers']:>7} {r['startup_s']:>10.2f} {r['tokens_per_s']:>16.0f} "
-              f"{r['ratio']:>14.1f} {'yes' if r['meets_target'] else 'no':>7}")  # fmt: skip
+        print(
+            f"{r['content']:<8} {r['workers']:>7} {r['startup_s']:>10.2f} {r['tokens_per_s']:>16.0f} "
+            f"{r['ratio']:>14.1f} {'yes' if r['meets_target'] else 'no':>7}"
+        )
     met = sum(r["meets_target"] for r in result["rows"])
     print(f"target: loader >= {TARGET:.0f}x consumption; met by {met}/{len(result['rows'])} configurations")
 
@@ -235,7 +243,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train.yaml (both parts)")
     p.add_argument("--workers", type=_int_list, default=[0, 1, 2], help="DataLoader workers, comma-separated")
     p.add_argument("--seconds", type=float, default=2.5, help="minimum timed seconds per loader row")
@@ -248,17 +256,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cache-dir", help="corpus cache (data.cache_dir)")
     p.add_argument("--vocab-size", type=int, help="data.vocab_size")
     p.add_argument("--docs-per-shard", type=int, help="data.docs_per_shard")
-    p.add_argument("--json", help="also write the numbers to this JSON file")
     args = p.parse_args(argv)
     if args.train_steps <= args.warmup_steps:
         p.error("--train-steps must exceed --warmup-steps")
     if not args.workers or min(args.workers) < 0:
         p.error("--workers: non-negative integers, e.g. 0,1,2")
-    result = run(args)
-    print_table(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return report(run(args), print_table, args.json)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ is the ceiling this machine and model shape allow; the gap to it is what the hea
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
+from mtp_pretrain.bench.options import bench_parser, report
 from mtp_pretrain.inference.evaluate import read_batches, run_validation_data
 from mtp_pretrain.inference.generate import MIN_TOKENS_PER_FORWARD, generate
 from mtp_pretrain.inference.weights import load_model
@@ -40,15 +40,27 @@ def _oracle(reference: list[list[int]], n: int):  # noqa: ANN202
 
 
 def _decode(
-    model, prompts: list[list[int]], batch: int, new_tokens: int, speculative: bool, reference: list | None = None,
+    model,
+    prompts: list[list[int]],
+    batch: int,
+    new_tokens: int,
+    speculative: bool,
+    reference: list | None = None,
     min_tokens_per_forward: float = 0.0,
 ) -> tuple[list, float, dict]:
     tokens, seconds, stats = [], 0.0, []
     n = model.decoder.cfg.mtp_heads
     for i in range(0, len(prompts), batch):
         draft_fn = _oracle(reference[i : i + batch], n) if reference is not None else None
-        g = generate(model.decoder, prompts[i : i + batch], new_tokens, eos=None, speculative=speculative,
-                     draft_fn=draft_fn, min_tokens_per_forward=min_tokens_per_forward)  # fmt: skip
+        g = generate(
+            model.decoder,
+            prompts[i : i + batch],
+            new_tokens,
+            eos=None,
+            speculative=speculative,
+            draft_fn=draft_fn,
+            min_tokens_per_forward=min_tokens_per_forward,
+        )
         tokens += g.tokens
         seconds += g.stats.seconds
         stats.append(g.stats)
@@ -56,10 +68,12 @@ def _decode(
     row_forwards = sum(s.row_forwards for s in stats)
     proposed = [sum(s.proposed[j] for s in stats) for j in range(len(stats[0].proposed))]
     accepted = [sum(s.accepted[j] for s in stats) for j in range(len(stats[0].accepted))]
-    return tokens, seconds, {
-        "new_tokens": new, "tokens_per_forward": new / row_forwards,
-        "acceptance": [a / p if p else 0.0 for a, p in zip(accepted, proposed, strict=True)],
-    }  # fmt: skip
+    acceptance = [a / p if p else 0.0 for a, p in zip(accepted, proposed, strict=True)]
+    return (
+        tokens,
+        seconds,
+        {"new_tokens": new, "tokens_per_forward": new / row_forwards, "acceptance": acceptance},
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -73,65 +87,85 @@ def run(args: argparse.Namespace) -> dict:
     measured: dict = {}
     for batch in args.batch_sizes:
         best = {"greedy": float("inf"), "heads": float("inf"), "auto": float("inf"), "perfect": float("inf")}
-        greedy_tokens, _, _ = _decode(model, prompts, batch, new_tokens, False)  # the reference (and a warm-up)
+        # the reference (and a warm-up)
+        greedy_tokens, _, _ = _decode(model, prompts, batch, new_tokens, False)
         for _ in range(args.repeats):  # alternate, so machine noise hits all alike
             for mode in best:
                 ref = greedy_tokens if mode == "perfect" else None
-                tokens, seconds, stats = _decode(model, prompts, batch, new_tokens, mode != "greedy", ref,
-                                                 min_tokens_per_forward=MIN_TOKENS_PER_FORWARD if mode == "auto" else 0.0)  # fmt: skip
+                min_tpf = MIN_TOKENS_PER_FORWARD if mode == "auto" else 0.0
+                tokens, seconds, stats = _decode(
+                    model, prompts, batch, new_tokens, mode != "greedy", ref, min_tpf
+                )
                 best[mode] = min(best[mode], seconds)
                 assert tokens == greedy_tokens or mode == "heads", f"{mode} drafts changed the tokens"
                 if mode != "greedy":
                     measured[mode] = (tokens, stats)
         new = sum(len(t) for t in greedy_tokens)
         (spec_tokens, spec_stats), (_, perfect_stats) = measured["heads"], measured["perfect"]
-        rows.append({
-            "batch": batch, "greedy_tok_s": new / best["greedy"], "speculative_tok_s": new / best["heads"],
-            "speedup": best["greedy"] / best["heads"], "tokens_per_forward": spec_stats["tokens_per_forward"],
-            "acceptance": spec_stats["acceptance"], "identical": spec_tokens == greedy_tokens,
-            "auto_speedup": best["greedy"] / best["auto"],
-            "perfect_drafts_speedup": best["greedy"] / best["perfect"],
-            "perfect_tokens_per_forward": perfect_stats["tokens_per_forward"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "batch": batch,
+                "greedy_tok_s": new / best["greedy"],
+                "speculative_tok_s": new / best["heads"],
+                "speedup": best["greedy"] / best["heads"],
+                "tokens_per_forward": spec_stats["tokens_per_forward"],
+                "acceptance": spec_stats["acceptance"],
+                "identical": spec_tokens == greedy_tokens,
+                "auto_speedup": best["greedy"] / best["auto"],
+                "perfect_drafts_speedup": best["greedy"] / best["perfect"],
+                "perfect_tokens_per_forward": perfect_stats["tokens_per_forward"],
+            }
+        )
     return {
-        "model": str(model.source), "prompts": len(prompts), "prompt_tokens": args.prompt_tokens,
-        "new_tokens": new_tokens, "heads": model.decoder.cfg.mtp_heads, "rows": rows,
-    }  # fmt: skip
+        "model": str(model.source),
+        "prompts": len(prompts),
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": new_tokens,
+        "heads": model.decoder.cfg.mtp_heads,
+        "rows": rows,
+    }
 
 
 def print_table(result: dict) -> None:
-    print(f"model {result['model']}: n={result['heads']}, {result['prompts']} held-out prompts of "
-          f"{result['prompt_tokens']} tokens, {result['new_tokens']} new tokens each")  # fmt: skip
-    print("batch  greedy tok/s  speculative tok/s  speedup  tokens/forward  acceptance (head 2..n)  identical"
-          f"  | default (stops drafting if < {MIN_TOKENS_PER_FORWARD} tok/fwd)  | perfect drafts: speedup  tokens/forward")  # fmt: skip
+    print(
+        f"model {result['model']}: n={result['heads']}, {result['prompts']} held-out prompts of "
+        f"{result['prompt_tokens']} tokens, {result['new_tokens']} new tokens each"
+    )
+    print(
+        "batch  greedy tok/s  speculative tok/s  speedup  tokens/forward  acceptance (head 2..n)  identical"
+        f"  | default (stops drafting if < {MIN_TOKENS_PER_FORWARD} tok/fwd)"
+        "  | perfect drafts: speedup  tokens/forward"
+    )
     for r in result["rows"]:
         acc = " ".join(f"{a:.2f}" for a in r["acceptance"])
-        print(f"{r['batch']:>5}  {r['greedy_tok_s']:>12.1f}  {r['speculative_tok_s']:>17.1f}  {r['speedup']:>6.2f}x"
-              f"  {r['tokens_per_forward']:>14.2f}  {acc:>22}  {str(r['identical']):>9}"
-              f"  | {r['auto_speedup']:>40.2f}x  | {r['perfect_drafts_speedup']:>22.2f}x"
-              f"  {r['perfect_tokens_per_forward']:>14.2f}")  # fmt: skip
-    print("perfect drafts = the greedy continuation itself as drafts: the ceiling on this machine with heads that "
-          "are always right")
+        print(
+            f"{r['batch']:>5}  {r['greedy_tok_s']:>12.1f}  {r['speculative_tok_s']:>17.1f}"
+            f"  {r['speedup']:>6.2f}x"
+            f"  {r['tokens_per_forward']:>14.2f}  {acc:>22}  {str(r['identical']):>9}"
+            f"  | {r['auto_speedup']:>40.2f}x  | {r['perfect_drafts_speedup']:>22.2f}x"
+            f"  {r['perfect_tokens_per_forward']:>14.2f}"
+        )
+    print(
+        "perfect drafts = the greedy continuation itself as drafts: the ceiling on this machine with heads "
+        "that are always right"
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="outputs/tiny-n4", help="run dir, checkpoint or export (default: the main job's)")
+    p = bench_parser(__doc__)
+    p.add_argument(
+        "--model", default="outputs/tiny-n4", help="run dir, checkpoint or export (default: the main job's)"
+    )
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--json", help="also write the numbers here")
     args = p.parse_args(argv)
     if not Path(args.model).exists():
         p.error(f"{args.model} does not exist: run the main job first (make train) or pass --model")
-    result = run(args)
-    print_table(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return result
+    return report(run(args), print_table, args.json)
 
 
 if __name__ == "__main__":

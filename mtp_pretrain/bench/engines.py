@@ -4,113 +4,95 @@ Each configuration builds the n=4 model and its engine and runs a few training s
 rank's peak memory over that, above what the process held before building the model (imports, data):
 parameters, gradients, optimizer state, activations and temporaries. ZeRO-3 runs the naive loss
 (mtp.memory_efficient=false; see mtp_pretrain/engine/deepspeed.py), so its activations include all n
-heads' logits. Method: on GPUs torch.cuda.max_memory_allocated; on CPU the Linux RSS high-water mark reset
-before each configuration (/proc/self/clear_refs) with glibc's mmap threshold pinned low so freed tensors
-leave RSS (as tools/bench_loss_memory.py). Ratios to the megatron engine are measured in one run.
+heads' logits. Method (memory.PeakMemory): on GPUs torch.cuda.max_memory_allocated; on CPU the Linux RSS
+high-water mark reset before each configuration (/proc/self/clear_refs) with glibc's mmap threshold pinned
+low so freed tensors leave RSS (as tools/bench_loss_memory.py). Ratios to the megatron engine are measured
+in one run.
 
-    python tools/bench_engines.py [--world-size 2 --hidden 512 --trunk-layers 2 --vocab 32768 --seq 128 --batch 2]
+    python tools/bench_engines.py [--world-size 2 --hidden 512 --trunk-layers 2 --vocab 32768 --seq 128
+                                   --batch 2]
 """
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
+import gc
 
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # must be set before the allocator starts
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+import torch
 
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-
-import torch  # noqa: E402
-from benchlib import add_shape_args, bench_model, random_step  # noqa: E402
+from mtp_pretrain import parallel
+from mtp_pretrain.bench.memory import PeakMemory
+from mtp_pretrain.bench.models import bench_model, random_step, shape_config
+from mtp_pretrain.bench.options import add_shape_args, bench_parser, write_json
+from mtp_pretrain.bench.process import distributed_world, pin_mmap_threshold, relaunch_under_torchrun
+from mtp_pretrain.flops import model_params
 
 N = 4
 CONFIGS = ["megatron", "zero1", "zero2", "zero3"]
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
-
-
-def _reset_peak() -> int:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kib("VmRSS") * 1024
-
-
-def _peak() -> int:
-    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _status_kib("VmHWM") * 1024
-
-
 def _measure(name: str, args: argparse.Namespace) -> float:
+    """MiB of this rank's peak over building ``name``'s model + engine and its training steps."""
     from megatron.core import parallel_state
 
     from mtp_pretrain.config import OptimConfig, ParallelConfig
     from mtp_pretrain.engine.deepspeed import DeepSpeedEngine
     from mtp_pretrain.engine.megatron import MegatronEngine
 
-    base = _reset_peak()
-    _, _, tconf, model = bench_model(args, N, memory_efficient=name != "zero3")
-    optim = OptimConfig(warmup_steps=1)
-    if name == "megatron":
-        engine = MegatronEngine(model, tconf, optim, 100)
-    else:
-        engine = DeepSpeedEngine(model, optim, 100, ParallelConfig(engine="deepspeed", zero_stage=int(name[-1])), args.batch, 1)
-    g = torch.Generator().manual_seed(parallel_state.get_data_parallel_rank())
-    for _ in range(args.steps):
-        random_step(engine, args, args.seq + N, generator=g)
-    peak = _peak() - base
+    with PeakMemory() as mem:
+        _, _, tconf, model = bench_model(args, N, memory_efficient=name != "zero3")
+        optim = OptimConfig(warmup_steps=1)
+        if name == "megatron":
+            engine = MegatronEngine(model, tconf, optim, 100)
+        else:
+            zero = ParallelConfig(engine="deepspeed", zero_stage=int(name[-1]))
+            engine = DeepSpeedEngine(model, optim, 100, zero, args.batch, 1)
+        g = torch.Generator().manual_seed(parallel_state.get_data_parallel_rank())
+        for _ in range(args.steps):
+            random_step(engine, args, args.seq + N, generator=g)
     del engine, model
     gc.collect()
-    return peak / 2**20
+    return mem.added / 2**20
+
+
+def print_table(rows: dict[str, list[float]], args: argparse.Namespace) -> None:
+    ref = max(rows["megatron"]) if "megatron" in rows else None
+    params = model_params(shape_config(args, args.trunk_layers + N), args.vocab) / 1e6
+    print(
+        f"\npeak memory per rank above the pre-model baseline, {args.world_size} ranks, n={N}, "
+        f"d={args.hidden}, {args.trunk_layers}+{N} layers, V={args.vocab} (~{params:.0f}M params), "
+        f"T={args.seq}, B={args.batch}, fp32 AdamW, measured in one run"
+    )
+    print(
+        f"{'engine':<10} "
+        + " ".join(f"{'rank ' + str(r):>10}" for r in range(args.world_size))
+        + f" {'x megatron':>11}"
+    )
+    for name, peaks in rows.items():
+        ratio = f"{max(peaks) / ref:>11.2f}" if ref else ""
+        print(f"{name:<10} " + " ".join(f"{m:>8.0f}Mi" for m in peaks) + f" {ratio}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pin_mmap_threshold()  # a no-op when the entry point did it already (before torch loaded)
+    p = bench_parser(__doc__)
     p.add_argument("--world-size", type=int, default=2)
     add_shape_args(p, hidden=512, heads=8, trunk_layers=2, seq=128, batch=2, vocab=32768)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--configs", default=",".join(CONFIGS))
-    p.add_argument("--json", help="write the table here")
     args = p.parse_args(argv)
-    if "RANK" not in os.environ:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.world_size}",
-               __file__, *(argv if argv is not None else sys.argv[1:])]  # fmt: skip
-        sys.exit(subprocess.call(cmd))
+    relaunch_under_torchrun("mtp_pretrain.bench.engines", args.world_size, argv)  # the children go on here
 
-    from mtp_pretrain import parallel
-
-    parallel.init_distributed()
-    rows = {}
-    for name in args.configs.split(","):
-        mine = _measure(name, args)
-        every = [None] * parallel.world_size()
-        torch.distributed.all_gather_object(every, mine)
-        rows[name] = every
-    if parallel.rank() == 0:
-        ref = max(rows["megatron"]) if "megatron" in rows else None
-        params = (args.vocab * args.hidden * 2 + (args.trunk_layers + N) * 12 * args.hidden**2) / 1e6
-        print(f"\npeak memory per rank above the pre-model baseline, {args.world_size} ranks, n={N}, d={args.hidden}, "
-              f"{args.trunk_layers}+{N} layers, V={args.vocab} (~{params:.0f}M params), T={args.seq}, B={args.batch}, "
-              f"fp32 AdamW, measured in one run")  # fmt: skip
-        print(f"{'engine':<10} " + " ".join(f"{'rank ' + str(r):>10}" for r in range(args.world_size)) + f" {'x megatron':>11}")
-        for name, peaks in rows.items():
-            ratio = f"{max(peaks) / ref:>11.2f}" if ref else ""
-            print(f"{name:<10} " + " ".join(f"{m:>8.0f}Mi" for m in peaks) + f" {ratio}")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"args": vars(args), "peak_mib": rows}, f, indent=1)
-    parallel.destroy_distributed()
+    with distributed_world():
+        rows = {}
+        for name in args.configs.split(","):
+            every = [None] * parallel.world_size()
+            torch.distributed.all_gather_object(every, _measure(name, args))
+            rows[name] = every
+        if parallel.rank() == 0:
+            print_table(rows, args)
+            if args.json:
+                write_json(args.json, {"args": vars(args), "peak_mib": rows})
 
 
 if __name__ == "__main__":

@@ -23,18 +23,22 @@ table (peak memory n/a on CPU). Its numbers only show that the script works.
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import platform
 import statistics
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import torch
 
-from mtp_pretrain.config import Config
+from mtp_pretrain import compat
+from mtp_pretrain.bench.memory import PeakMemory
+from mtp_pretrain.bench.models import build_on_device, train_on
+from mtp_pretrain.bench.options import bench_parser, write_json
+from mtp_pretrain.bench.process import distributed_world
+from mtp_pretrain.bench.timing import format_time_over_flops, time_over_flops, timed
+from mtp_pretrain.config import Config, compose_train_config
+from mtp_pretrain.flops import mfu, peak_flops, train_flops_per_token
 
 GPU = dict(preset="1b", micro_batch=4, seq=None, vocab=32768, steps=20, warmup=3)
 DRY = dict(preset="tiny", micro_batch=2, seq=None, vocab=1024, steps=2, warmup=2)
@@ -54,67 +58,37 @@ class Row:
 
 def compose(preset: str, n: int, seq: int | None) -> Config:
     """The real Hydra config (conf/train.yaml) with `model=<preset> mtp.n=<n>`, as `mtp-train` builds it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from mtp_pretrain.cli import CONF_DIR
-    from mtp_pretrain.config import register_configs, to_config
-
-    overrides = [f"model={preset}", f"mtp.n={n}"] + ([f"model.seq_len={seq}"] if seq else [])
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return to_config(hydra_compose(config_name="train", overrides=overrides))
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    return compose_train_config([f"model={preset}", f"mtp.n={n}"] + ([f"model.seq_len={seq}"] if seq else []))
 
 
 def bench_one(cfg: Config, args: argparse.Namespace, peak: float) -> Row:
     """Build the n-head model and its engine, train `warmup + steps` steps on random tokens, time them."""
-    from megatron.core import parallel_state
-
     from mtp_pretrain.config import OptimConfig
     from mtp_pretrain.engine.megatron import MegatronEngine
-    from mtp_pretrain.flops import train_flops_per_token
-    from mtp_pretrain.model.mtp_model import build_model, transformer_config
+    from mtp_pretrain.model.mtp_model import transformer_config
 
-    cuda = torch.cuda.is_available()
-    gc.collect()  # the previous n's model, engine and optimizer hold each other in cycles
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     n, seq, mb = cfg.mtp.n, cfg.model.seq_len, args.micro_batch
-    tconf = transformer_config(cfg.model, cfg.mtp, tp=1, pp=1, bf16=args.bf16, recompute=args.recompute)
-    model = build_model(
-        cfg.model, cfg.mtp, args.vocab, tconf,
-        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
-    )  # fmt: skip
-    if cuda:
-        model.cuda()
-    total_steps = args.warmup + args.steps
-    engine = MegatronEngine(model, tconf, OptimConfig(), total_steps, bf16=args.bf16)
-    dev = "cuda" if cuda else "cpu"
-    gen = torch.Generator(device=dev).manual_seed(n)
-    times = []
-    for i in range(total_steps):
-        tokens = torch.randint(0, args.vocab, (mb, seq + n), device=dev, generator=gen)
-        batch = iter([(tokens, torch.ones_like(tokens, dtype=torch.bool))])
-        _sync()
-        t0 = time.perf_counter()
-        result = engine.train_step(batch, 1, seq, mb)
-        _sync()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-        if result.nonfinite:
-            raise RuntimeError(f"n={n}: non-finite loss at step {i}")
-    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    dev = compat.device()
+    with PeakMemory() as mem:
+        tconf = transformer_config(cfg.model, cfg.mtp, tp=1, pp=1, bf16=args.bf16, recompute=args.recompute)
+        model = build_on_device(cfg.model, cfg.mtp, args.vocab, tconf)
+        total_steps = args.warmup + args.steps
+        engine = MegatronEngine(model, tconf, OptimConfig(), total_steps, bf16=args.bf16)
+        gen = torch.Generator(device=dev).manual_seed(n)
+        times = []
+        for i in range(total_steps):
+            tokens = torch.randint(0, args.vocab, (mb, seq + n), device=dev, generator=gen)
+            result, seconds = timed(partial(train_on, engine, tokens, seq, mb))
+            if i >= args.warmup:
+                times.append(seconds)
+            if result.nonfinite:
+                raise RuntimeError(f"n={n}: non-finite loss at step {i}")
     del engine, model, tconf, result
     step = statistics.median(times)
     tokens_per_s = mb * seq / step
     flops = train_flops_per_token(cfg.model, n, args.vocab)
-    return Row(n, step, tokens_per_s, tokens_per_s * flops / peak, peak_gib, flops, times)
+    peak_gib = mem.peak / 2**30 if torch.cuda.is_available() else None  # the CPU figure is not this one
+    return Row(n, step, tokens_per_s, mfu(tokens_per_s, flops, peak), peak_gib, flops, times)
 
 
 def format_table(rows: list[Row]) -> str:
@@ -126,7 +100,7 @@ def format_table(rows: list[Row]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument(
         "--steps", type=int, default=None, help=f"timed steps per n (default {GPU['steps']}, dry 2)"
     )
@@ -145,7 +119,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--dry-run", action="store_true", help="tiny model in fp32: shows the script works (CPU ok)"
     )
-    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     args.no_cuda = not torch.cuda.is_available()
     args.dry_run = args.dry_run or args.no_cuda
@@ -159,54 +132,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    from mtp_pretrain import parallel
-    from mtp_pretrain.flops import peak_flops
-
     device = (
         torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {platform.processor()}".strip()
     )
     print(f"device: {device} | torch {torch.__version__} | CUDA {torch.version.cuda or 'none'}")
     if args.dry_run:
         why = "no CUDA device found" if args.no_cuda else "--dry-run"
-        print(f"DRY RUN ({why}): model={args.preset}, vocab {args.vocab}, fp32, {args.steps} timed steps; "
-              "the numbers only show that the benchmark works, not GPU throughput")  # fmt: skip
+        print(
+            f"DRY RUN ({why}): model={args.preset}, vocab {args.vocab}, fp32, {args.steps} timed steps; "
+            "the numbers only show that the benchmark works, not GPU throughput"
+        )
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     peak = peak_flops(dtype)
-    parallel.init_distributed(tp=1, pp=1)
-    try:
+    with distributed_world(tp=1, pp=1):
         cfgs = {n: compose(args.preset, n, args.seq) for n in HEADS}
         m = cfgs[1].model
-        print(f"model {m.preset}: L={m.num_layers} (trunk L-n + n heads), d={m.hidden_size}, "
-              f"heads {m.num_attention_heads}/{m.num_query_groups or m.num_attention_heads} groups, "
-              f"T={m.seq_len}, B={args.micro_batch}, V={args.vocab}, {str(dtype).removeprefix('torch.')}, "
-              f"recompute={args.recompute}, {args.warmup} warm-up + {args.steps} timed steps, "
-              f"peak {peak / 1e12:.3g} TFLOP/s")  # fmt: skip
+        print(
+            f"model {m.preset}: L={m.num_layers} (trunk L-n + n heads), d={m.hidden_size}, "
+            f"heads {m.num_attention_heads}/{m.num_query_groups or m.num_attention_heads} groups, "
+            f"T={m.seq_len}, B={args.micro_batch}, V={args.vocab}, {str(dtype).removeprefix('torch.')}, "
+            f"recompute={args.recompute}, {args.warmup} warm-up + {args.steps} timed steps, "
+            f"peak {peak / 1e12:.3g} TFLOP/s"
+        )
         rows = []
         for n in HEADS:
             rows.append(bench_one(cfgs[n], args, peak))
             print(f"  n={n} done: median step {rows[-1].step_s:.4f} s", flush=True)
-    finally:
-        parallel.destroy_distributed()
     by_n = {r.n: r for r in rows}
-    time_ratio = by_n[4].step_s / by_n[1].step_s
-    flop_ratio = by_n[4].flops_per_token / by_n[1].flops_per_token
+    ratios = time_over_flops({r.n: r.step_s for r in rows}, {r.n: r.flops_per_token for r in rows})
     print()
     print(format_table(rows))
-    print(
-        f"time ratio n4/n1 {time_ratio:.3f} | FLOP ratio {flop_ratio:.3f} | time/FLOP {time_ratio / flop_ratio:.3f}"
-    )
+    print(format_time_over_flops(ratios))
     if not args.dry_run:
         print(f"target: n=1 MFU >= 45% on H200 -> {'met' if by_n[1].mfu >= 0.45 else 'NOT met'}")
     result = {
-        "device": device, "torch": torch.__version__, "dry_run": args.dry_run,
-        "dtype": str(dtype).removeprefix("torch."), "model": asdict(m), "micro_batch": args.micro_batch,
-        "vocab": args.vocab, "recompute": args.recompute, "warmup": args.warmup, "steps": args.steps,
-        "peak_flops": peak, "rows": [asdict(r) for r in rows],
-        "time_ratio": time_ratio, "flop_ratio": flop_ratio, "time_over_flops": time_ratio / flop_ratio,
-    }  # fmt: skip
+        "device": device,
+        "torch": torch.__version__,
+        "dry_run": args.dry_run,
+        "dtype": str(dtype).removeprefix("torch."),
+        "model": asdict(m),
+        "micro_batch": args.micro_batch,
+        "vocab": args.vocab,
+        "recompute": args.recompute,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "peak_flops": peak,
+        "rows": [asdict(r) for r in rows],
+        **ratios,
+    }
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return result
 

@@ -2,8 +2,8 @@
 
 Same trunk for every row (its layer count is fixed; n head blocks are added on top), one process.
 
-Method. On a GPU: torch.cuda.reset_peak_memory_stats / max_memory_allocated around the step.
-On CPU: Linux's resident-set high-water mark (VmHWM), reset right before the step by writing "5" to
+Method (memory.PeakMemory). On a GPU: torch.cuda.reset_peak_memory_stats / max_memory_allocated around the
+step. On CPU: Linux's resident-set high-water mark (VmHWM), reset right before the step by writing "5" to
 /proc/self/clear_refs; the figure is VmHWM after the step minus VmRSS before it. glibc's mmap threshold is
 pinned low (MALLOC_MMAP_THRESHOLD_, set before torch loads) so every tensor above 64 KiB is an mmap that
 is returned to the OS when freed, making RSS follow live tensor bytes. Parameter .grad buffers are
@@ -14,58 +14,34 @@ allocated by a warm-up step first, so the figure is the step's activations and t
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
+import gc
 
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # must be set before the allocator starts
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+import torch
 
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-from benchlib import add_shape_args, bench_model  # noqa: E402
-
-from mtp_pretrain import parallel  # noqa: E402
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+from mtp_pretrain import compat
+from mtp_pretrain.bench.memory import PeakMemory
+from mtp_pretrain.bench.models import bench_model
+from mtp_pretrain.bench.options import add_shape_args, bench_parser, write_json
+from mtp_pretrain.bench.process import distributed_world, pin_mmap_threshold
 
 
 def measure_step_peak(model: torch.nn.Module, tokens: torch.Tensor) -> int:
     """Bytes of peak memory one forward+backward adds on top of what is alive before it."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    with PeakMemory() as mem:
         loss, _ = model(tokens)
         loss.backward()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the high-water mark to the current RSS
-    loss, _ = model(tokens)
-    loss.backward()
-    del loss
-    return (_status_kib("VmHWM") - before) * 1024
+        del loss
+    return mem.added
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    parallel.init_distributed()
     modes = {
         "naive": dict(memory_efficient=False),
         "efficient": dict(memory_efficient=True),
         f"chunked({args.chunk})": dict(memory_efficient=True, chunk_size=args.chunk),
     }
-    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dev = compat.device()
     rows = []
     for n in args.n:
         for mode, kw in modes.items():
@@ -84,28 +60,35 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     ref_n = min(r["n"] for r in rows)  # n=1 when measured (the default); else the smallest n run
     ref = next(r["peak_bytes"] for r in rows if r["n"] == ref_n and r["mode"] == "efficient")
     logits = args.seq * args.batch * args.vocab * 4
-    print(f"\nloss-step peak memory (V={args.vocab}, T={args.seq}, B={args.batch}, d={args.hidden}, "
-          f"trunk {args.trunk_layers} layers; one head's fp32 logits = {logits / 2**20:.0f} MiB)")  # fmt: skip
+    print(
+        f"\nloss-step peak memory (V={args.vocab}, T={args.seq}, B={args.batch}, d={args.hidden}, "
+        f"trunk {args.trunk_layers} layers; one head's fp32 logits = {logits / 2**20:.0f} MiB)"
+    )
     print(f"{'n':>3} {'mode':<14} {'peak MiB':>10} {f'x efficient n={ref_n}':>16} {'x naive same n':>15}")
     for r in rows:
         naive = next(q["peak_bytes"] for q in rows if q["n"] == r["n"] and q["mode"] == "naive")
-        print(f"{r['n']:>3} {r['mode']:<14} {r['peak_bytes'] / 2**20:>10.1f} {r['peak_bytes'] / ref:>16.2f} "
-              f"{r['peak_bytes'] / naive:>15.2f}")  # fmt: skip
+        print(
+            f"{r['n']:>3} {r['mode']:<14} {r['peak_bytes'] / 2**20:>10.1f} {r['peak_bytes'] / ref:>16.2f} "
+            f"{r['peak_bytes'] / naive:>15.2f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pin_mmap_threshold()  # a no-op when the entry point did it already (before torch loaded)
+    p = bench_parser(__doc__)
     add_shape_args(p, hidden=256, heads=4, trunk_layers=2, seq=512, batch=4, vocab=32768)
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--n", type=int, nargs="+", default=[1, 4])
     p.add_argument("--repeat", type=int, default=2, help="measurements per row; the minimum is kept")
-    p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
-    rows = run(args)
+    with distributed_world():
+        rows = run(args)
     print_table(rows, args)
     if args.json:
-        shape = {k: getattr(args, k) for k in ("vocab", "seq", "batch", "hidden", "heads", "trunk_layers", "chunk")}
-        Path(args.json).write_text(json.dumps({"shape": shape, "rows": rows}, indent=1) + "\n")
+        shape = {
+            k: getattr(args, k) for k in ("vocab", "seq", "batch", "hidden", "heads", "trunk_layers", "chunk")
+        }
+        write_json(args.json, {"shape": shape, "rows": rows})
     return rows
 
 

@@ -25,11 +25,11 @@ Each model trains on one fixed batch (the same tokens for both); its loss must f
 
  - step time: both models in this process, warm-up steps first, then the timed steps interleaved
    (alternating which model goes first) so machine noise hits both alike; the median is reported.
- - peak memory: one fresh subprocess per model, with tools/bench_loss_memory.py's method (its
-   measure_step_peak): on CPU the resident-set high-water mark, reset right before a step, minus the
-   resident set before it (glibc's mmap threshold pinned low so freed tensors leave the RSS); on a GPU,
-   max_memory_allocated. The figure is the training step's peak on top of what lives between steps
-   (parameters, gradient buffers, optimizer state: allocated by a warm-up step first); the minimum
+ - peak memory: one fresh subprocess per model, with the loss-memory benchmark's method
+   (mtp_pretrain/bench/memory.py): on CPU the resident-set high-water mark, reset right before a step,
+   minus the resident set before it (glibc's mmap threshold pinned low so freed tensors leave the RSS);
+   on a GPU, max_memory_allocated. The figure is the training step's peak on top of what lives between
+   steps (parameters, gradient buffers, optimizer state: allocated by a warm-up step first); the minimum
    over the measured steps is kept. The process's whole resident peak (libraries + model + state +
    step) is reported too (CPU only).
 Ratios are megatron / ours.
@@ -42,30 +42,34 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
-from benchlib import add_shape_args
 
-TOOLS = Path(__file__).resolve().parent
+from mtp_pretrain import compat
+from mtp_pretrain.bench.memory import PeakMemory
+from mtp_pretrain.bench.models import bench_model, on_device, shape_config, train_on
+from mtp_pretrain.bench.options import add_shape_args, bench_parser, report
+from mtp_pretrain.bench.process import MMAP_THRESHOLD, child_env, distributed_world
+from mtp_pretrain.bench.timing import interleaved
+from mtp_pretrain.targets import HeadStats
+
 MODELS = ("ours", "megatron")
 N_PREDICTIONS = 4  # ours: n=4 heads; megatron: next-token + mtp_num_layers=3
 _MEMORY_MARK = "MEMORY_JSON "
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_shape_args(p, hidden=256, heads=4, trunk_layers=2, seq=256, batch=4, vocab=32768)  # megatron: K+1 layers
+    p = bench_parser(__doc__)
+    add_shape_args(
+        p, hidden=256, heads=4, trunk_layers=2, seq=256, batch=4, vocab=32768
+    )  # megatron: K+1 layers
     p.add_argument("--steps", type=int, default=3, help="timed steps per model (after the warm-up)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
     p.add_argument("--memory-steps", type=int, default=1, help="measured steps per memory subprocess")
-    p.add_argument("--json", type=Path, default=None, help="write the result here")
     p.add_argument("--memory-child", choices=MODELS, default=None, help=argparse.SUPPRESS)  # internal
     return p.parse_args(argv)
 
@@ -76,7 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 class MegatronMTPAdapter(torch.nn.Module):
     """megatron's GPTModel (with its MTP block) behind MTPModel's interface, for MegatronEngine.
 
-    forward(tokens [B, T+1], valid [B, T+1]) -> (next-token loss, per-prediction mean losses [1 + D]).
+    forward(tokens [B, T+1], valid [B, T+1]) -> (next-token loss, HeadStats of the 1 + D predictions: each
+    one's mean loss as its loss sum over a count of 1).
     The wrapped model is the attribute ``module``: megatron's schedule and finalize_model_grads find
     GPTModel's attributes (decoder, mtp, set_input_tensor, share_embeddings_and_output_weights ...)
     through DDP by following ``.module`` (get_attr_wrapped_model).
@@ -86,7 +91,7 @@ class MegatronMTPAdapter(torch.nn.Module):
         super().__init__()
         self.module = gpt
 
-    def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, HeadStats]:
         from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
         ids, labels, mask = tokens[:, :-1], tokens[:, 1:], valid[:, 1:].float()
@@ -97,16 +102,8 @@ class MegatronMTPAdapter(torch.nn.Module):
         # [B, T] per-token next-token CE; the MTP losses ride along in the graph (MTPLossAutoScaler)
         per_token = self.module(ids, positions, None, labels=labels, loss_mask=mask)
         loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
-        return loss, torch.cat([loss.detach().view(1), tracker["values"].detach().clone()])
-
-
-def _model_config(args: argparse.Namespace, num_layers: int) -> Any:
-    from mtp_pretrain.config import ModelConfig
-
-    return ModelConfig(
-        preset="bench", num_layers=num_layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-        seq_len=args.seq,
-    )  # fmt: skip
+        means = torch.cat([loss.detach().view(1), tracker["values"].detach().clone()])
+        return loss, HeadStats(means, torch.zeros_like(means), torch.ones_like(means))
 
 
 def _optim() -> Any:
@@ -117,15 +114,11 @@ def _optim() -> Any:
 
 def build_ours(args: argparse.Namespace) -> tuple[Any, int]:
     """(MegatronEngine over MTPModel with a K-layer trunk and 4 heads, sample length T + 4)."""
-    from mtp_pretrain.config import MTPConfig
     from mtp_pretrain.engine.megatron import MegatronEngine
-    from mtp_pretrain.model.mtp_model import build_model, transformer_config
 
-    cfg = _model_config(args, args.trunk_layers + N_PREDICTIONS)
-    mtp = MTPConfig(n=N_PREDICTIONS, loss_weights=[1.0] * N_PREDICTIONS)  # every prediction weighs 1
-    tconf = transformer_config(cfg, mtp)
-    model = build_model(cfg, mtp, args.vocab, tconf)
-    return MegatronEngine(_on_device(model), tconf, _optim(), 1000), args.seq + N_PREDICTIONS
+    # every prediction weighs 1
+    _, _, tconf, model = bench_model(args, N_PREDICTIONS, loss_weights=[1.0] * N_PREDICTIONS)
+    return MegatronEngine(model, tconf, _optim(), 1000), args.seq + N_PREDICTIONS
 
 
 def build_megatron(args: argparse.Namespace) -> tuple[Any, int]:
@@ -144,49 +137,41 @@ def build_megatron(args: argparse.Namespace) -> tuple[Any, int]:
 
     from mtp_pretrain.config import MTPConfig
     from mtp_pretrain.engine.megatron import MegatronEngine
-    from mtp_pretrain.model.mtp_model import padded_vocab_size, transformer_config
+    from mtp_pretrain.model.mtp_model import transformer_config
+    from mtp_pretrain.model.vocab import padded_vocab_size
 
     depth = N_PREDICTIONS - 1
-    cfg = _model_config(args, args.trunk_layers + 1)
     # our trunk's config (Llama block, fp32, cpu_safe_config_overrides), all K+1 layers in the decoder
-    tconf = transformer_config(cfg, MTPConfig(n=1))
+    tconf = transformer_config(shape_config(args, args.trunk_layers + 1), MTPConfig(n=1))
     tconf.num_layers = args.trunk_layers + 1
     tconf.mtp_num_layers = depth
     tconf.mtp_loss_scaling_factor = float(depth)  # per-depth weight factor / depth = 1, as our heads
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     gpt = GPTModel(
-        tconf, spec, vocab_size=padded_vocab_size(args.vocab, 1), max_sequence_length=args.seq,
+        tconf,
+        spec,
+        vocab_size=padded_vocab_size(args.vocab, 1),
+        max_sequence_length=args.seq,
         position_embedding_type="rope",
         mtp_block_spec=get_gpt_mtp_block_spec(tconf, spec, use_transformer_engine=False),
-    )  # fmt: skip
-    return MegatronEngine(MegatronMTPAdapter(_on_device(gpt)), tconf, _optim(), 1000), args.seq + 1
+    )
+    return MegatronEngine(MegatronMTPAdapter(on_device(gpt)), tconf, _optim(), 1000), args.seq + 1
 
 
 BUILDERS = {"ours": build_ours, "megatron": build_megatron}
 
 
-def _on_device(model: torch.nn.Module) -> torch.nn.Module:
-    return model.cuda() if torch.cuda.is_available() else model
-
-
 def _fixed_tokens(args: argparse.Namespace) -> torch.Tensor:
     """The one batch both models train on: [B, T + 4] (megatron takes the first T + 1 of each row)."""
     gen = torch.Generator().manual_seed(1234)
-    return torch.randint(0, args.vocab, (args.batch, args.seq + N_PREDICTIONS), generator=gen)
+    tokens = torch.randint(0, args.vocab, (args.batch, args.seq + N_PREDICTIONS), generator=gen)
+    return tokens.to(compat.device())
 
 
-def train_step(engine: Any, tokens: torch.Tensor, args: argparse.Namespace) -> Any:
-    """One optimizer step of ``engine`` on ``tokens`` (one micro-batch)."""
-    batch = iter([(tokens, torch.ones_like(tokens, dtype=torch.bool))])
-    return engine.train_step(batch, 1, args.seq, args.batch)
-
-
-def per_prediction_losses(name: str, result: Any) -> list[float]:
-    """Mean CE of each of the 4 predictions (t+1 .. t+4) of one step."""
-    stats = result.head_stats.detach().float().cpu()
-    if name == "ours":  # [n, 3]: (loss sum, correct, count) per head
-        return (stats[:, 0] / stats[:, 2].clamp(min=1)).tolist()
-    return stats.tolist()  # [1 + D]: next-token mean loss, then each MTP depth's
+def per_prediction_losses(result: Any) -> list[float]:
+    """Mean CE of each of the 4 predictions (t+1 .. t+4) of one step (either model's HeadStats)."""
+    stats = result.head_stats
+    return (stats.loss_sum.detach().double() / stats.count.detach().double().clamp(min=1)).cpu().tolist()
 
 
 def _param_count(engine: Any) -> int:
@@ -196,51 +181,30 @@ def _param_count(engine: Any) -> int:
 # -- peak memory: one fresh process per model --------------------------------------------------------------
 
 
-class _StepAsModel:
-    """bench_loss_memory.measure_step_peak(model, tokens) runs ``loss, _ = model(tokens); loss.backward()``
-    between its reset and its reading; here ``model(tokens)`` is one whole training step (forward,
-    backward, optimizer) and the "loss" a stand-in leaf whose backward does nothing."""
-
-    def __init__(self, engine: Any, args: argparse.Namespace) -> None:
-        self.engine, self.args = engine, args
-
-    def __call__(self, tokens: torch.Tensor) -> tuple[torch.Tensor, None]:
-        train_step(self.engine, tokens, self.args)
-        return torch.zeros((), requires_grad=True), None
-
-
 def memory_child(args: argparse.Namespace) -> dict:
     """Build one model, warm it up, measure its training step's peak; runs in its own process."""
-    sys.path.insert(0, str(TOOLS))
-    # Its import re-executes the interpreter unless MALLOC_MMAP_THRESHOLD_ is set: the parent sets it.
-    from bench_loss_memory import _status_kib, measure_step_peak
-
-    from mtp_pretrain import parallel
-
-    parallel.init_distributed()
-    engine, sample_len = BUILDERS[args.memory_child](args)
-    tokens = _fixed_tokens(args)[:, :sample_len].to("cuda" if torch.cuda.is_available() else "cpu")
-    train_step(engine, tokens, args)  # warm-up: optimizer state
-    step = _StepAsModel(engine, args)
-    peak = min(measure_step_peak(step, tokens) for _ in range(max(args.memory_steps, 1)))
-    result = {"peak_bytes": peak, "params": _param_count(engine)}
-    if not torch.cuda.is_available():
-        result["rss_peak_bytes"] = _status_kib("VmHWM") * 1024  # since the last measured step's reset
-    parallel.destroy_distributed()
+    with distributed_world():
+        engine, sample_len = BUILDERS[args.memory_child](args)
+        tokens = _fixed_tokens(args)[:, :sample_len]
+        train_on(engine, tokens, args.seq, args.batch)  # warm-up: optimizer state
+        measured = []
+        for _ in range(max(args.memory_steps, 1)):
+            with PeakMemory() as mem:
+                train_on(engine, tokens, args.seq, args.batch)
+            measured.append(mem)
+        result = {"peak_bytes": min(m.added for m in measured), "params": _param_count(engine)}
+        if not torch.cuda.is_available():
+            result["rss_peak_bytes"] = measured[-1].peak  # since the last measured step's reset
     return result
 
 
-def _start_memory_children(args: argparse.Namespace, argv: list[str]) -> dict[str, subprocess.Popen]:
-    drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # each child: a world of one
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # bench_loss_memory's method; set before the child's allocator
+def _start_memory_children(argv: list[str]) -> dict[str, subprocess.Popen]:
+    # each child a world of one, with the memory method's allocator setting from its start
+    env = child_env(MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
+    cmd = [sys.executable, "-m", "mtp_pretrain.bench.megatron_mtp", *argv]
     return {
         name: subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), *argv, "--memory-child", name],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            [*cmd, "--memory-child", name], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         for name in MODELS
     }
@@ -263,42 +227,37 @@ def _collect(children: dict[str, subprocess.Popen]) -> dict[str, dict]:
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
     # Memory first, in two fresh processes; they overlap with this process's imports and model builds
     # (the memory figure does not depend on CPU contention) and are waited for before anything is timed.
-    children = _start_memory_children(args, argv)
+    children = _start_memory_children(argv)
     try:
-        from mtp_pretrain import parallel
-
-        parallel.init_distributed()
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-        tokens = _fixed_tokens(args).to(dev)
-        setups = {name: BUILDERS[name](args) for name in MODELS}
-        memory = _collect(children)
+        with distributed_world():
+            tokens = _fixed_tokens(args)
+            setups = {name: BUILDERS[name](args) for name in MODELS}
+            memory = _collect(children)
+            steps = {
+                name: (lambda e=engine, n=sample_len: train_on(e, tokens[:, :n], args.seq, args.batch))
+                for name, (engine, sample_len) in setups.items()
+            }
+            times, results = interleaved(steps, args.warmup, args.steps, alternate=True)
+            losses = {name: [per_prediction_losses(r) for r in rs] for name, rs in results.items()}
     finally:
         for proc in children.values():
             if proc.poll() is None:
                 proc.kill()
-    times: dict[str, list[float]] = {name: [] for name in MODELS}
-    losses: dict[str, list[list[float]]] = {name: [] for name in MODELS}
-    for i in range(args.warmup + args.steps):
-        order = MODELS if i % 2 == 0 else MODELS[::-1]
-        for name in order:
-            engine, sample_len = setups[name]
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            result = train_step(engine, tokens[:, :sample_len], args)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
-            losses[name].append(per_prediction_losses(name, result))
     out: dict[str, Any] = {
         "config": {
-            "hidden": args.hidden, "heads": args.heads, "trunk_layers": args.trunk_layers, "seq": args.seq,
-            "batch": args.batch, "vocab": args.vocab, "steps": args.steps, "warmup": args.warmup,
-            "device": dev, "ours": f"MTPModel trunk {args.trunk_layers} + {N_PREDICTIONS} heads",
+            "hidden": args.hidden,
+            "heads": args.heads,
+            "trunk_layers": args.trunk_layers,
+            "seq": args.seq,
+            "batch": args.batch,
+            "vocab": args.vocab,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "device": compat.device().type,
+            "ours": f"MTPModel trunk {args.trunk_layers} + {N_PREDICTIONS} heads",
             "megatron": f"GPTModel {args.trunk_layers + 1} layers + mtp_num_layers {N_PREDICTIONS - 1}",
         },
-    }  # fmt: skip
+    }
     for name in MODELS:
         per_step = losses[name]
         out[f"{name}_params"] = memory[name]["params"]
@@ -315,18 +274,22 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         )
     out["memory_ratio"] = out["megatron_peak_mib"] / out["ours_peak_mib"]
     out["time_ratio"] = out["megatron_step_s"] / out["ours_step_s"]
-    parallel.destroy_distributed()
     return out
 
 
 def print_table(r: dict) -> None:
     c = r["config"]
-    print(f"\nmegatron-core MTP vs ours: {c['ours']} | {c['megatron']} "
-          f"(d={c['hidden']}, {c['heads']} heads, T={c['seq']}, B={c['batch']}, V={c['vocab']}, fp32, "
-          f"{c['device']}; {c['steps']} timed steps after {c['warmup']} warm-up, interleaved)")  # fmt: skip
+    print(
+        f"\nmegatron-core MTP vs ours: {c['ours']} | {c['megatron']} "
+        f"(d={c['hidden']}, {c['heads']} heads, T={c['seq']}, B={c['batch']}, V={c['vocab']}, fp32, "
+        f"{c['device']}; {c['steps']} timed steps after {c['warmup']} warm-up, interleaved)"
+    )
     rss = "ours_rss_peak_mib" in r
-    print(f"{'model':<9} {'params':>11} {'step s':>8} {'step peak MiB':>14}"
-          + (f" {'RSS peak MiB':>13}" if rss else "") + f"  {'loss first -> last':<19} {'falls':>5}")  # fmt: skip
+    rss_column = f" {'RSS peak MiB':>13}" if rss else ""
+    print(
+        f"{'model':<9} {'params':>11} {'step s':>8} {'step peak MiB':>14}{rss_column}"
+        f"  {'loss first -> last':<19} {'falls':>5}"
+    )
     for name in MODELS:
         line = (
             f"{name:<9} {r[f'{name}_params']:>11,} {r[f'{name}_step_s']:>8.3f} {r[f'{name}_peak_mib']:>14.1f}"
@@ -345,12 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = memory_child(args)
         print(_MEMORY_MARK + json.dumps(result), flush=True)
         return result
-    result = run(args, argv)
-    print_table(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-    return result
+    return report(run(args, argv), print_table, args.json)
 
 
 if __name__ == "__main__":

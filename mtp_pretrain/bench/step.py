@@ -11,19 +11,20 @@ the FLOP ratio: 1.0 means the extra heads cost exactly their FLOPs; the target i
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import torch
-from benchlib import add_shape_args, bench_model, random_step
+from mtp_pretrain import compat, parallel
+from mtp_pretrain.bench.models import bench_model, random_step
+from mtp_pretrain.bench.options import add_shape_args, bench_parser, report
+from mtp_pretrain.bench.process import distributed_world, relaunch_under_torchrun
+from mtp_pretrain.bench.timing import format_time_over_flops, interleaved, time_over_flops
+from mtp_pretrain.flops import train_flops_per_token
+
+HEADS = (1, 4)
+WARMUP = 2  # untimed steps per n first
 
 
-def _engine(n: int, args: argparse.Namespace):
+def _engine(n: int, args: argparse.Namespace):  # noqa: ANN202
     from mtp_pretrain.config import OptimConfig
     from mtp_pretrain.engine.megatron import MegatronEngine
 
@@ -31,59 +32,52 @@ def _engine(n: int, args: argparse.Namespace):
     return cfg, MegatronEngine(model, tconf, OptimConfig(), 1000, bf16=args.bf16)
 
 
+def run(args: argparse.Namespace) -> dict:
+    with distributed_world(tp=args.tp, pp=args.pp) as layout:
+        setups = {n: _engine(n, args) for n in HEADS}
+        steps = {
+            n: (lambda n=n, e=engine: random_step(e, args, args.seq + n)) for n, (_, engine) in setups.items()
+        }
+        times, _ = interleaved(steps, WARMUP, args.steps)
+        step = {n: statistics.median(ts) for n, ts in times.items()}
+        flops = {n: train_flops_per_token(cfg, n, args.vocab) for n, (cfg, _) in setups.items()}
+        tokens_per_step = args.batch * args.seq * layout.dp
+        result = {"step_s": step, "tokens_per_s": {n: tokens_per_step / s for n, s in step.items()}}
+        result |= time_over_flops(step, flops)
+        if parallel.rank() == 0:
+            report(result, lambda r: print_table(r, flops, args, layout.dp), args.json)
+    return result
+
+
+def print_table(result: dict, flops: dict[int, float], args: argparse.Namespace, dp: int) -> None:
+    dev = compat.device().type
+    print(
+        f"\nstep time, same trunk ({args.trunk_layers} layers, d={args.hidden}, T={args.seq}, "
+        f"B={args.batch}, V={args.vocab}, tp={args.tp} pp={args.pp} dp={dp}, {dev})"
+    )
+    print(f"{'n':>3} {'step s':>9} {'tokens/s':>10} {'GFLOP/token':>12}")
+    for n in HEADS:
+        print(
+            f"{n:>3} {result['step_s'][n]:>9.3f} {result['tokens_per_s'][n]:>10.0f} {flops[n] / 1e9:>12.4f}"
+        )
+    print(format_time_over_flops(result) + " (target <= 1.05)")
+
+
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     add_shape_args(p, hidden=256, heads=4, trunk_layers=4, seq=256, batch=8, vocab=8192)
     p.add_argument("--chunk", type=int, default=0)
-    p.add_argument("--steps", type=int, default=6, help="timed steps per n (after 2 warm-up steps)")
+    p.add_argument("--steps", type=int, default=6, help=f"timed steps per n (after {WARMUP} warm-up steps)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--bf16", action="store_true")
-    p.add_argument("--world-size", type=int, default=1, help="re-launch under torchrun with this many processes")
-    p.add_argument("--json", help="also write the numbers here (rank 0)")
+    p.add_argument(
+        "--world-size", type=int, default=1, help="re-launch under torchrun with this many processes"
+    )
     args = p.parse_args(argv)
-    if args.world_size > 1 and "RANK" not in os.environ:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.world_size}",
-               __file__, *(argv or sys.argv[1:])]  # fmt: skip  (the children see RANK and do not relaunch)
-        sys.exit(subprocess.call(cmd))
-
-    from mtp_pretrain import parallel
-    from mtp_pretrain.flops import train_flops_per_token
-
-    layout = parallel.init_distributed(tp=args.tp, pp=args.pp)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    setups = {n: _engine(n, args) for n in (1, 4)}
-    times: dict[int, list[float]] = {1: [], 4: []}
-    for i in range(args.steps + 2):
-        for n, (_cfg, engine) in setups.items():
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            random_step(engine, args, args.seq + n)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            if i >= 2:
-                times[n].append(time.perf_counter() - t0)
-    step = {n: statistics.median(ts) for n, ts in times.items()}
-    flops = {n: train_flops_per_token(cfg, n, args.vocab) for n, (cfg, _) in setups.items()}
-    tokens_per_step = args.batch * args.seq * layout.dp
-    result = {
-        "step_s": step, "tokens_per_s": {n: tokens_per_step / s for n, s in step.items()},
-        "time_ratio": step[4] / step[1], "flop_ratio": flops[4] / flops[1],
-    }  # fmt: skip
-    result["time_over_flops"] = result["time_ratio"] / result["flop_ratio"]
-    if parallel.rank() == 0:
-        print(f"\nstep time, same trunk ({args.trunk_layers} layers, d={args.hidden}, T={args.seq}, B={args.batch}, "
-              f"V={args.vocab}, tp={args.tp} pp={args.pp} dp={layout.dp}, {dev})")  # fmt: skip
-        print(f"{'n':>3} {'step s':>9} {'tokens/s':>10} {'GFLOP/token':>12}")
-        for n in (1, 4):
-            print(f"{n:>3} {step[n]:>9.3f} {result['tokens_per_s'][n]:>10.0f} {flops[n] / 1e9:>12.4f}")
-        print(f"time ratio n4/n1 {result['time_ratio']:.3f} | FLOP ratio {result['flop_ratio']:.3f} | "
-              f"time/FLOP ratio {result['time_over_flops']:.3f} (target <= 1.05)")  # fmt: skip
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    parallel.destroy_distributed()
-    return result
+    if args.world_size > 1:  # the torchrun children see RANK and go on here
+        relaunch_under_torchrun("mtp_pretrain.bench.step", args.world_size, argv)
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -23,21 +23,21 @@ times on a shared 2-core machine mean nothing elsewhere.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from mtp_pretrain.bench.options import bench_parser, write_json
+from mtp_pretrain.bench.process import child_env
+
+REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tools"
 README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 # (name, tool, arguments): sizes chosen so the whole suite stays well under 15 minutes on 2 CPU cores
-MEMORY_SHAPE = ["--seq", "256", "--batch", "2", "--hidden", "256", "--trunk-layers", "2", "--chunk", "64",
-                "--n", "1", "2", "4", "8", "--repeat", "1"]  # fmt: skip
+MEMORY_SHAPE = "--seq 256 --batch 2 --hidden 256 --trunk-layers 2 --chunk 64 --n 1 2 4 8 --repeat 1".split()
 SUITE = {
     "memory_v32k": ("bench_loss_memory.py", ["--vocab", "32768", *MEMORY_SHAPE]),
     "memory_v128k": ("bench_loss_memory.py", ["--vocab", "131072", *MEMORY_SHAPE]),
@@ -46,25 +46,25 @@ SUITE = {
     "data": ("bench_data.py", ["--seconds", "1.5", "--train-steps", "6"]),
     "decode": ("bench_decode.py", []),
 }
-GROUPS = {"memory": ["memory_v32k", "memory_v128k"], "step": ["step"], "megatron": ["megatron"], "data": ["data"],
-          "decode": ["decode"]}  # fmt: skip
-
-
-def _child_env() -> dict[str, str]:
-    """Each tool in a world of its own: no torch.distributed variables inherited from a launcher."""
-    drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    return {k: v for k, v in os.environ.items() if k not in drop}
+GROUPS = {
+    "memory": ["memory_v32k", "memory_v128k"],
+    "step": ["step"],
+    "megatron": ["megatron"],
+    "data": ["data"],
+    "decode": ["decode"],
+}
 
 
 def run_tool(name: str, tool: str, args: list[str], raw_dir: Path, timeout: int) -> dict:
-    """Run one tool, streaming its output; its --json result (or the failure) comes back."""
+    """Run one tool, streaming its output, in a world of its own; its --json result (or the failure)
+    comes back."""
     out = raw_dir / f"{name}.json"
     out.unlink(missing_ok=True)
     print(f"\n=== {name}: python tools/{tool} {' '.join(args)}", flush=True)
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, str(TOOLS / tool), *args, "--json", str(out)], cwd=REPO,
-                              env=_child_env(), timeout=timeout)  # fmt: skip
+        cmd = [sys.executable, str(TOOLS / tool), *args, "--json", str(out)]
+        proc = subprocess.run(cmd, cwd=REPO, env=child_env(), timeout=timeout)
         rc = proc.returncode
     except subprocess.TimeoutExpired:
         rc = "timeout"
@@ -77,11 +77,17 @@ def run_tool(name: str, tool: str, args: list[str], raw_dir: Path, timeout: int)
 
 
 def ensure_model(model: Path, timeout: int) -> None:
-    """The decode benchmark needs the main job's model: train it (the default config) when absent."""
+    """The decode benchmark needs the main job's model: train it (make train's recipe) when absent."""
     if (model / "checkpoints" / "latest").is_file() or (model / "mtp_checkpoint.json").is_file():
         return
     print(f"\n=== no checkpoint in {model}: running the main job first (make train)", flush=True)
-    subprocess.run([sys.executable, "-m", "mtp_pretrain.cli"], cwd=REPO, env=_child_env(), timeout=timeout, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "mtp_pretrain.cli", "+experiment=cpu_demo"],
+        cwd=REPO,
+        env=child_env(),
+        timeout=timeout,
+        check=True,
+    )
 
 
 # -- the summary --------------------------------------------------------------------------------------
@@ -95,10 +101,14 @@ def _memory_rows(raw: dict) -> list[list[str]]:
         peak = {(r["n"], r["mode"].split("(")[0]): r["peak_bytes"] / 2**20 for r in res["rows"]}
         for n in sorted({r["n"] for r in res["rows"]}):
             naive, eff, chunk = peak[n, "naive"], peak[n, "efficient"], peak[n, "chunked"]
-            rows.append([f"loss-step peak memory, V={v // 1024}k, n={n}",
-                         f"naive {naive:.0f} / efficient {eff:.0f} / chunked {chunk:.0f} MiB",
-                         f"naive {naive / eff:.2f}x, chunked {chunk / eff:.2f}x of efficient; "
-                         f"efficient {eff / peak[1, 'efficient']:.2f}x its n=1"])  # fmt: skip
+            rows.append(
+                [
+                    f"loss-step peak memory, V={v // 1024}k, n={n}",
+                    f"naive {naive:.0f} / efficient {eff:.0f} / chunked {chunk:.0f} MiB",
+                    f"naive {naive / eff:.2f}x, chunked {chunk / eff:.2f}x of efficient; "
+                    f"efficient {eff / peak[1, 'efficient']:.2f}x its n=1",
+                ]
+            )
     return rows
 
 
@@ -106,26 +116,44 @@ def summarise(raw: dict) -> list[list[str]]:
     """[benchmark, measured, ratio] rows of everything that ran."""
     rows = _memory_rows(raw)
     if res := raw.get("step", {}).get("result"):
-        rows.append(["step time n=4 / n=1 (same trunk)", f"time {res['time_ratio']:.3f}x, FLOPs {res['flop_ratio']:.3f}x",
-                     f"time/FLOP {res['time_over_flops']:.3f} (target <= 1.05)"])  # fmt: skip
+        rows.append(
+            [
+                "step time n=4 / n=1 (same trunk)",
+                f"time {res['time_ratio']:.3f}x, FLOPs {res['flop_ratio']:.3f}x",
+                f"time/FLOP {res['time_over_flops']:.3f} (target <= 1.05)",
+            ]
+        )
     if res := raw.get("megatron", {}).get("result"):
-        rows.append(["megatron-core built-in MTP vs ours, same trunk + 3 extra layers",
-                     f"peak {res['megatron_peak_mib']:.0f} vs {res['ours_peak_mib']:.0f} MiB, "
-                     f"step {res['megatron_step_s']:.3f} vs {res['ours_step_s']:.3f} s",
-                     f"megatron/ours: memory {res['memory_ratio']:.2f}x, time {res['time_ratio']:.2f}x"])  # fmt: skip
+        rows.append(
+            [
+                "megatron-core built-in MTP vs ours, same trunk + 3 extra layers",
+                f"peak {res['megatron_peak_mib']:.0f} vs {res['ours_peak_mib']:.0f} MiB, "
+                f"step {res['megatron_step_s']:.3f} vs {res['ours_step_s']:.3f} s",
+                f"megatron/ours: memory {res['memory_ratio']:.2f}x, time {res['time_ratio']:.2f}x",
+            ]
+        )
     if res := raw.get("data", {}).get("result"):
         worst = min(res["rows"], key=lambda r: r["ratio"])
-        rows.append(["data loader / training consumption",
-                     ", ".join(f"{r['content']} w{r['workers']} {r['ratio']:.0f}x" for r in res["rows"]),
-                     f"min {worst['ratio']:.0f}x (target >= 20x)"])  # fmt: skip
+        rows.append(
+            [
+                "data loader / training consumption",
+                ", ".join(f"{r['content']} w{r['workers']} {r['ratio']:.0f}x" for r in res["rows"]),
+                f"min {worst['ratio']:.0f}x (target >= 20x)",
+            ]
+        )
     if res := raw.get("decode", {}).get("result"):
         for r in res["rows"]:
-            rows.append([f"self-speculative decoding, batch {r['batch']}, n={res['heads']}",
-                         f"{r['speculative_tok_s']:.0f} vs {r['greedy_tok_s']:.0f} tok/s, "
-                         f"{r['tokens_per_forward']:.2f} tokens/forward, identical={r['identical']}",
-                         f"{r['speedup']:.2f}x greedy (target >= 2.5x at batch 1); mtp-generate's default (stops "
-                         f"drafting that does not pay) {r['auto_speedup']:.2f}x; with perfect drafts "
-                         f"{r['perfect_drafts_speedup']:.2f}x ({r['perfect_tokens_per_forward']:.2f} tokens/forward)"])  # fmt: skip
+            rows.append(
+                [
+                    f"self-speculative decoding, batch {r['batch']}, n={res['heads']}",
+                    f"{r['speculative_tok_s']:.0f} vs {r['greedy_tok_s']:.0f} tok/s, "
+                    f"{r['tokens_per_forward']:.2f} tokens/forward, identical={r['identical']}",
+                    f"{r['speedup']:.2f}x greedy (target >= 2.5x at batch 1); mtp-generate's default (stops "
+                    f"drafting that does not pay) {r['auto_speedup']:.2f}x; with perfect drafts "
+                    f"{r['perfect_drafts_speedup']:.2f}x "
+                    f"({r['perfect_tokens_per_forward']:.2f} tokens/forward)",
+                ]
+            )
     for name, entry in raw.items():
         if "error" in entry:
             rows.append([name, "FAILED", entry["error"]])
@@ -150,7 +178,9 @@ def plot(raw: dict, path: Path) -> None:
             continue
         for mode in ("naive", "efficient", "chunked"):
             pts = sorted((r["n"], r["peak_bytes"] / 2**20) for r in res["rows"] if r["mode"].startswith(mode))
-            axes[0].plot(*zip(*pts, strict=True), style, marker="o", label=f"{mode} V={res['shape']['vocab'] // 1024}k")
+            axes[0].plot(
+                *zip(*pts, strict=True), style, marker="o", label=f"{mode} V={res['shape']['vocab'] // 1024}k"
+            )
     axes[0].set(xlabel="heads n", ylabel="peak MiB", title="loss-step peak memory")
     axes[0].legend(fontsize=7)
     bars: dict[str, float] = {}
@@ -165,7 +195,9 @@ def plot(raw: dict, path: Path) -> None:
         labels = [f"batch {r['batch']}" for r in res["rows"]]
         x = range(len(labels))
         axes[2].bar([i - 0.27 for i in x], [r["greedy_tok_s"] for r in res["rows"]], 0.27, label="greedy")
-        axes[2].bar(list(x), [r["speculative_tok_s"] for r in res["rows"]], 0.27, label="self-speculative (heads)")
+        axes[2].bar(
+            list(x), [r["speculative_tok_s"] for r in res["rows"]], 0.27, label="self-speculative (heads)"
+        )
         perfect = [r["greedy_tok_s"] * r["perfect_drafts_speedup"] for r in res["rows"]]
         axes[2].bar([i + 0.27 for i in x], perfect, 0.27, label="perfect drafts (ceiling)")
         axes[2].set_xticks(list(x), labels)
@@ -183,19 +215,26 @@ def update_readme(table: str, readme: Path) -> None:
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
     stamp = time.strftime("%Y-%m-%d")
-    readme.write_text(f"{head}{README_BEGIN}\n_Measured by `make bench` on {stamp}; see bench/results.png._\n\n"
-                      f"{table}{README_END}{tail}")  # fmt: skip
+    note = f"_Measured by `make bench` on {stamp}; see bench/results.png._"
+    readme.write_text(f"{head}{README_BEGIN}\n{note}\n\n{table}{README_END}{tail}")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__, results_json=False)  # the results go to --out
     p.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)}")
     p.add_argument("--model", default="outputs/tiny-n4", help="the model the decode benchmark reads")
     p.add_argument("--out", default="bench", help="results directory")
     p.add_argument("--timeout", type=int, default=420, help="seconds allowed to each benchmark")
-    p.add_argument("--readme", nargs="?", const="README.md", help="write the table into this README (default README.md)")
-    p.add_argument("--args", action="append", default=[], metavar="NAME=ARGS",
-                   help="replace a benchmark's arguments, e.g. --args 'step=--hidden 64 --steps 1'")  # fmt: skip
+    p.add_argument(
+        "--readme", nargs="?", const="README.md", help="write the table into this README (default README.md)"
+    )
+    p.add_argument(
+        "--args",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="replace a benchmark's arguments, e.g. --args 'step=--hidden 64 --steps 1'",
+    )
     a = p.parse_args(argv)
     unknown = set(a.only.split(",")) - set(GROUPS)
     if unknown:
@@ -219,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown(rows)
     total = time.perf_counter() - t0
     result = {"seconds": total, "summary": rows, "raw": raw}
-    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out / "results.json", result)
     (out / "results.md").write_text(table)
     plot(raw, out / "results.png")
     print(f"\n{table}\nthis run: {total / 60:.1f} min; wrote {out}/results.json, results.md, results.png")

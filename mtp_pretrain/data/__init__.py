@@ -1,1 +1,1 @@
-"""Data: offline tokenizer, webdataset shard writer, streaming packed-batch reader."""
+"""Data: offline tokenizer, shard writer and reader, packed-batch streams and loader, a run's data sources."""

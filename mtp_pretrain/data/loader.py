@@ -26,8 +26,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mtp_pretrain.data.stream import ERROR_KINDS, Dataset, PackedBatchStream, reshard_states
-from mtp_pretrain.faults import die_with_parent
+from mtp_pretrain.data.datasets import Dataset
+from mtp_pretrain.data.reshard import reshard_states
+from mtp_pretrain.data.shard_reader import ERROR_KINDS
+from mtp_pretrain.data.stream import PackedBatchStream
+from mtp_pretrain.processes import die_with_parent
 
 
 @dataclass(frozen=True)
@@ -194,7 +197,7 @@ class BatchLoader:
 
     def load_resharded(self, loaders: dict[int, dict[str, Any]]) -> None:
         """Continue from the loader states of *all* DP ranks of a run with another DP size or worker count
-        (``loaders[dp_rank]``), by :func:`~mtp_pretrain.data.stream.reshard_states`' rule: no document is
+        (``loaders[dp_rank]``), by :func:`~mtp_pretrain.data.reshard.reshard_states`' rule: no document is
         repeated or skipped, the order changes."""
         any_state = next(iter(loaders.values()))
         old_dp, old_w = int(any_state["dp_size"]), max(int(any_state["num_workers"]), 1)

@@ -25,7 +25,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from mtp_pretrain.data.stream import TOKENS_MEMBER, local_path
+from mtp_pretrain.data.shard_reader import TOKENS_MEMBER, local_path
 from mtp_pretrain.data.tokenizer import load_tokenizer, tokenizer_hash
 
 log = logging.getLogger(__name__)

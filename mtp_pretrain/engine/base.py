@@ -1,18 +1,21 @@
-"""What every engine shares: the batch and step-result types, the Engine protocol the trainer talks to,
-and the cross-rank reductions of the per-head loss statistics."""
+"""What every engine shares: the batch and step-result types, the Engine protocol the trainer talks to, the
+base class with the LR schedule and the per-step agreement, and the cross-rank reduction of the statistics."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from torch import Tensor
 
 from mtp_pretrain import compat
+from mtp_pretrain.config import OptimConfig
+from mtp_pretrain.targets import HeadStats
 
 # tokens [B, T+n], target validity [B, T+n] (+ optional document numbers [B, T+n]): MTPModel.forward's inputs
 Batch = tuple[Tensor, ...]
@@ -21,11 +24,12 @@ Batch = tuple[Tensor, ...]
 @dataclass
 class StepResult:
     loss: float  # weighted total loss, mean over micro-batches (and data-parallel ranks)
-    head_stats: Tensor | None  # [n, 3] summed (loss_sum, correct, count) over the step; last stage only
+    head_stats: HeadStats | None  # summed over the step's micro-batches and DP ranks; last stage only
     grad_norm: float
     lr: float
     skipped: bool  # no update was applied (non-finite loss, or the optimizer refused the step)
     nonfinite: bool = False  # the loss of some rank was NaN/inf: the update was dropped on every rank
+    stop: bool = False  # some rank was asked to stop (signal / stop file): every rank stops after this step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -39,9 +43,14 @@ class Engine(Protocol):
     def module(self) -> torch.nn.Module:
         """The (first chunk of the) unwrapped model on this rank."""
 
-    def train_step(self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int) -> StepResult: ...
+    def train_step(
+        self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int,
+        stop_requested: Callable[[], bool] = lambda: False,
+    ) -> StepResult:
+        """Forward/backward over the micro-batches, then the update unless some rank's loss is NaN/inf.
+        ``stop_requested`` (this rank's wish to stop) is agreed across ranks in the same collective."""
 
-    def eval_step(self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int) -> tuple[float, Tensor | None]: ...
+    def eval_step(self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int) -> tuple[float, HeadStats | None]: ...
 
     def save(self, directory: Path) -> None:
         """Write this rank's share of model + optimizer state into ``directory`` (a collective)."""
@@ -56,24 +65,61 @@ class Engine(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any rank (the losses live on the last stage only)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=compat.device())
-    if torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
+class EngineBase:
+    """What both engines share: the warmup + cosine LR schedule and its state, and the one per-step
+    agreement across ranks (non-finite loss, stop request)."""
+
+    optimizer: Any
+    scheduler: OptimizerParamScheduler
+
+    def _schedule(self, optimizer: Any, optim: OptimConfig, total_steps: int) -> OptimizerParamScheduler:
+        """megatron's scheduler over the optimizer's param groups (their wd_mult: no decay on norms)."""
+        return OptimizerParamScheduler(
+            optimizer,
+            init_lr=0.0,
+            max_lr=optim.lr,
+            min_lr=optim.min_lr,
+            lr_warmup_steps=optim.warmup_steps,
+            lr_decay_steps=max(total_steps, optim.warmup_steps + 1),
+            lr_decay_style="cosine",
+            start_wd=optim.weight_decay,
+            end_wd=optim.weight_decay,
+            wd_incr_steps=total_steps,
+            wd_incr_style="constant",
+        )
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        """Non-sharded engine state (the same on every rank): the LR/WD schedule."""
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    @staticmethod
+    def _agree(outputs: list[dict], stop_requested: Callable[[], bool]) -> tuple[bool, bool]:
+        """(some rank's loss is NaN/inf, some rank wants to stop): ONE max all-reduce over the world per step.
+        The losses live on the last pipeline stage only, and a signal reaches only one process."""
+        nonfinite = not all(torch.isfinite(o["loss"]).item() for o in outputs)
+        flags = torch.tensor([float(nonfinite), float(stop_requested())], device=compat.device())
+        if torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return bool(flags[0].item()), bool(flags[1].item())
 
 
-def reduce_outputs(outputs: list[dict]) -> tuple[float, Tensor | None]:
+def reduce_outputs(outputs: list[dict]) -> tuple[float, HeadStats | None]:
     """Mean loss over micro-batches and data-parallel ranks; per-head stats summed (last stage only)."""
     if not outputs:  # not the last pipeline stage
         return float("nan"), None
     loss = torch.stack([o["loss"] for o in outputs]).mean()
-    stats = torch.stack([o["stats"] for o in outputs]).sum(0)
+    stats = HeadStats.total([o["stats"] for o in outputs]).packed()
     dp = parallel_state.get_data_parallel_group()
     if torch.distributed.get_world_size(dp) > 1:
         packed = torch.cat([loss.view(1), stats.flatten()])
         torch.distributed.all_reduce(packed, group=dp)
         loss = packed[0] / torch.distributed.get_world_size(dp)
         stats = packed[1:].view_as(stats)
-    return float(loss), stats
+    return float(loss), HeadStats.unpacked(stats)

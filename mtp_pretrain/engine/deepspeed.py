@@ -8,7 +8,7 @@ way: its autograd Function runs the n heads' forward+backward inside its *forwar
 ``torch.autograd.grad`` (which never touches ``.grad``) and accumulates the shared unembedding's gradient
 by hand, then its backward hands each head parameter and the unembedding one gradient. So one
 ``engine.backward(loss)`` per micro-batch gives the naive loss's gradients, on every ZeRO stage
-(tests/distributed/test_deepspeed.py checks parameters against a single-process run).
+(tests/integration/distributed/test_deepspeed.py checks parameters against a single-process run).
 ZeRO-3 is the exception: it partitions the parameters themselves and gathers them only inside its module
 hooks, which the per-head backward inside the Function bypasses; there the naive loss
 (``mtp.memory_efficient=false``: all heads in one graph, plain autograd through the modules) is required.
@@ -28,12 +28,12 @@ from typing import Any
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from torch import Tensor
 
 from mtp_pretrain import compat
 from mtp_pretrain.config import OptimConfig, ParallelConfig
-from mtp_pretrain.engine.base import Batch, NonFiniteLossError, StepResult, any_rank, reduce_outputs
+from mtp_pretrain.engine.base import Batch, EngineBase, NonFiniteLossError, StepResult, reduce_outputs
+from mtp_pretrain.targets import HeadStats
 
 _TAG = "state"  # one DeepSpeed tag per checkpoint directory: <ckpt>/deepspeed/state/
 
@@ -97,7 +97,7 @@ def _param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
     ]
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(EngineBase):
     """One model (PP = 1) in a DeepSpeed engine; the Engine protocol of engine/base.py."""
 
     def __init__(
@@ -122,21 +122,20 @@ class DeepSpeedEngine:
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.config, mpu=MegatronMpu(), dist_init_required=False
         )
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr, lr_warmup_steps=optim.warmup_steps,
-            lr_decay_steps=max(total_steps, optim.warmup_steps + 1), lr_decay_style="cosine",
-            start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=total_steps, wd_incr_style="constant",
-        )  # fmt: skip
+        self.scheduler = self._schedule(self.optimizer, optim, total_steps)
 
     @property
     def module(self) -> torch.nn.Module:
         return self.ds.module
 
-    def _forward(self, batch: Batch) -> tuple[Tensor, Tensor]:
+    def _forward(self, batch: Batch) -> tuple[Tensor, HeadStats]:
         dev = compat.device()
         return self.ds(*(t.to(dev, non_blocking=True) for t in batch))
 
-    def train_step(self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int) -> StepResult:
+    def train_step(
+        self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int,
+        stop_requested: Callable[[], bool] = lambda: False,
+    ) -> StepResult:
         if self.ds.gradient_accumulation_steps() != num_microbatches:
             raise ValueError(f"{num_microbatches} micro-batches, DeepSpeed was set up for {self.ds.gradient_accumulation_steps()}")
         self.ds.train()
@@ -148,7 +147,8 @@ class DeepSpeedEngine:
             if m < num_microbatches - 1:
                 self.ds.step()  # DeepSpeed counts micro-steps here; it updates only at the boundary (the last)
         loss, stats = reduce_outputs(outputs)
-        if any_rank(not all(torch.isfinite(o["loss"]).item() for o in outputs)):
+        nonfinite, stop = self._agree(outputs, stop_requested)
+        if nonfinite:
             raise NonFiniteLossError(
                 f"non-finite loss ({loss}) with parallel.engine=deepspeed: ZeRO cannot drop a step's partly "
                 f"reduced gradients outside fp16, so the run stops here (nothing saved after the last checkpoint)"
@@ -156,10 +156,12 @@ class DeepSpeedEngine:
         self.ds.step()  # the boundary: reduce, clip, update
         self.scheduler.step(increment=1)
         norm = self.ds.get_global_grad_norm()
-        return StepResult(loss, stats, float(norm if norm is not None else 0.0), self.optimizer.param_groups[0]["lr"], False)
+        return StepResult(loss, stats, float(norm if norm is not None else 0.0), self.lr, skipped=False, stop=stop)
 
     @torch.no_grad()
-    def eval_step(self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int) -> tuple[float, Tensor | None]:
+    def eval_step(
+        self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int
+    ) -> tuple[float, HeadStats | None]:
         self.ds.eval()
         outputs = []
         for _ in range(num_microbatches):
@@ -194,12 +196,6 @@ class DeepSpeedEngine:
             "trainer.init_from with parallel.engine=deepspeed: start the finetune with the megatron engine "
             "(or export the weights) — DeepSpeed checkpoints load whole"
         )
-
-    def state_dict(self) -> dict:
-        return {"scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state["scheduler"])
 
 
 def _to_universal(source: Path, target: Path) -> None:

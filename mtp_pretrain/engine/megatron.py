@@ -19,17 +19,17 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from mtp_pretrain import compat
 from mtp_pretrain.config import OptimConfig
-from mtp_pretrain.engine.base import Batch, StepResult, any_rank, reduce_outputs
+from mtp_pretrain.engine.base import Batch, EngineBase, StepResult, reduce_outputs
+from mtp_pretrain.targets import HeadStats
 
 
-class MegatronEngine:
+class MegatronEngine(EngineBase):
     """Wraps one model chunk; `train_step` runs forward/backward over micro-batches and steps."""
 
     def __init__(
@@ -71,19 +71,7 @@ class MegatronEngine:
             ),
             self.chunks,
         )
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0,
-            max_lr=optim.lr,
-            min_lr=optim.min_lr,
-            lr_warmup_steps=optim.warmup_steps,
-            lr_decay_steps=max(total_steps, optim.warmup_steps + 1),
-            lr_decay_style="cosine",
-            start_wd=optim.weight_decay,
-            end_wd=optim.weight_decay,
-            wd_incr_steps=total_steps,
-            wd_incr_style="constant",
-        )
+        self.scheduler = self._schedule(self.optimizer, optim, total_steps)
         # What megatron's own training loop wires into the config for its schedules.
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss
@@ -117,7 +105,7 @@ class MegatronEngine:
         dev = compat.device()  # loaders yield CPU tensors; on GPUs the model's weights live on the device
         output = model(*(t.to(dev, non_blocking=True) for t in batch))
 
-        def loss_func(out: tuple[Tensor, Tensor]) -> tuple[Tensor, dict]:
+        def loss_func(out: tuple[Tensor, HeadStats]) -> tuple[Tensor, dict]:
             loss, stats = out
             # the schedule divides the returned loss in place: report a detached copy
             return loss, {"loss": loss.detach().clone(), "stats": stats}
@@ -138,30 +126,30 @@ class MegatronEngine:
             forward_only=forward_only,
         )
 
-    def train_step(self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int) -> StepResult:
+    def train_step(
+        self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int,
+        stop_requested: Callable[[], bool] = lambda: False,
+    ) -> StepResult:
         for c in self.chunks:
             c.train()
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run(batches, num_microbatches, seq_len, micro_batch, forward_only=False)
         loss, stats = reduce_outputs(outputs)
-        if any_rank(not all(torch.isfinite(o["loss"]).item() for o in outputs)):
+        nonfinite, stop = self._agree(outputs, stop_requested)
+        if nonfinite:
             # never apply an update computed from NaN/inf; the scheduler does not advance (as megatron's
             # skipped iterations); the gradients are cleared by the next step's zero_grad
-            return StepResult(loss, stats, float("nan"), self.optimizer.param_groups[0]["lr"], True, nonfinite=True)
+            return StepResult(loss, stats, float("nan"), self.lr, skipped=True, nonfinite=True, stop=stop)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
-        return StepResult(
-            loss=loss,
-            head_stats=stats,
-            grad_norm=float(grad_norm or 0.0),
-            lr=self.optimizer.param_groups[0]["lr"],
-            skipped=not ok,
-        )
+        return StepResult(loss, stats, float(grad_norm or 0.0), self.lr, skipped=not ok, stop=stop)
 
     @torch.no_grad()
-    def eval_step(self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int) -> tuple[float, Tensor | None]:
+    def eval_step(
+        self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int
+    ) -> tuple[float, HeadStats | None]:
         for c in self.chunks:
             c.eval()
         return reduce_outputs(self._run(batches, num_microbatches, seq_len, micro_batch, forward_only=True))
@@ -213,13 +201,6 @@ class MegatronEngine:
             if unexpected or not set(missing) <= left_out | {k for k in missing if k.endswith("_extra_state")}:
                 raise RuntimeError(f"weights from {ckpt} did not fit: missing {missing}, unexpected {unexpected}")
         self.optimizer.reload_model_params()
-
-    def state_dict(self) -> dict:
-        """Non-sharded engine state (the same on every rank): the LR/WD schedule."""
-        return {"scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state["scheduler"])
 
 
 def _set_adam_steps(optimizer: Any, present: bool) -> None:
@@ -278,7 +259,7 @@ def _unshare_adam_steps(optimizer: Any) -> None:
     megatron-core 0.16's DistributedOptimizer, on its no-Apex/TE path (plain torch Adam), restores one
     `step` tensor object into every parameter's state; torch Adam increments it in place once per
     parameter, so bias correction drifts after resume (measured: losses off by 0.43). Cloning restores
-    the uninterrupted run exactly; tests/test_trainer.py checks resume bit-exactness.
+    the uninterrupted run exactly; tests/unit/test_trainer.py checks resume bit-exactness.
     """
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         for state in opt.optimizer.state.values():

@@ -3,7 +3,7 @@
 The held-out data are the run's validation shards (read as the trainer's validation does: from the start,
 unshuffled, the same packing and target masks), or any shards given. Head i's loss at position t is the
 cross-entropy of token t+i, averaged over valid targets, exactly the training loss's definition
-(tests/inference/test_evaluate.py checks it against the trainer's own validation numbers).
+(tests/unit/inference/test_evaluate.py checks it against the trainer's own validation numbers).
 """
 
 from __future__ import annotations
@@ -19,28 +19,24 @@ import torch.nn.functional as F
 
 from mtp_pretrain.checkpoint import Checkpointer
 from mtp_pretrain.config import from_yaml
+from mtp_pretrain.data.datasets import Dataset
 from mtp_pretrain.data.shards import check_shard_tokenizer
-from mtp_pretrain.data.stream import Dataset, PackedBatchStream
+from mtp_pretrain.data.sources import validation_batches, validation_sets
 from mtp_pretrain.data.tokenizer import pad_id
 from mtp_pretrain.inference.generate import generate
 from mtp_pretrain.inference.weights import LoadedModel
-from mtp_pretrain.targets import HeadTargets, target_mask
+from mtp_pretrain.targets import HeadStats, HeadTargets, target_mask
 
 
 def run_validation_data(model: LoadedModel) -> tuple[list[Dataset], bool, str]:
     """(validation datasets, mask_doc_boundaries, text_field) recorded in a training checkpoint's config."""
     if not (model.source / "mtp_checkpoint.json").is_file():
         raise ValueError(f"{model.source} is an export: name the held-out shards with --data")
-    cfg = from_yaml(Checkpointer.read_common(model.source)["config"])
-    d = cfg.data
-    if d.datasets:
-        if not d.val_urls:
-            raise ValueError("the run had no data.val_urls: name the held-out shards with --data")
-        return [Dataset.of(d.val_urls, name="val")], d.mask_doc_boundaries, d.text_field
-    from mtp_pretrain.data.corpus import prepare_corpus
-
-    corpus = prepare_corpus(d.source, d.cache_dir, d.vocab_size, d.val_shards, d.docs_per_shard)
-    return [Dataset.of(corpus.val_urls, name="val")], d.mask_doc_boundaries, d.text_field
+    d = from_yaml(Checkpointer.read_common(model.source)["config"]).data
+    val = validation_sets(d)  # found as the trainer found it (pre-tokenized shards: checked by read_batches)
+    if not val:
+        raise ValueError("the run had no data.val_urls: name the held-out shards with --data")
+    return val, d.mask_doc_boundaries, d.text_field
 
 
 def read_batches(
@@ -54,19 +50,20 @@ def read_batches(
         tok_path.write_text(model.tokenizer.to_str())
         for ds in datasets:
             check_shard_tokenizer(ds.urls, str(tok_path))
-        stream = PackedBatchStream(
-            datasets, tok_path, batch_size, seq + n, seed=0, shuffle_shards=False, loop=False, text_field=text_field
-        )
+        stream = validation_batches(datasets, tok_path, batch_size, seq + n, text_field=text_field)
         return list(itertools.islice(stream, batches))
 
 
 @torch.no_grad()
-def head_metrics(model: LoadedModel, batches: Sequence[torch.Tensor], mask_doc_boundaries: bool = False) -> dict[str, float]:
+def heldout_metrics(
+    model: LoadedModel, batches: Sequence[torch.Tensor], mask_doc_boundaries: bool = False
+) -> dict[str, float]:
     """{loss,ppl,acc,tokens}/head<i> over packed batches [B, context + n] (see read_batches)."""
     dec = model.decoder
     n, seq = dec.cfg.mtp_heads, dec.cfg.context
     pad = pad_id(model.tokenizer)
-    sums = torch.zeros(n, 3, dtype=torch.float64)  # loss sum, correct, count
+    # summed in fp64 over every batch: the mean is taken once, over all valid targets (as validation does)
+    stats = HeadStats.unpacked(torch.zeros(n, 3, dtype=torch.float64))
     for tokens in batches:
         valid, segments = target_mask(tokens, model.eos, pad, mask_doc_boundaries)
         targets = HeadTargets(tokens, valid, segments)
@@ -75,24 +72,30 @@ def head_metrics(model: LoadedModel, batches: Sequence[torch.Tensor], mask_doc_b
             tgt, ok = targets.of_head(i, seq)  # [T, B]
             lg = logits[i].transpose(0, 1).float().cpu()  # [T, B, V]
             ce = F.cross_entropy(lg.flatten(0, 1), tgt.flatten(), reduction="none").view_as(tgt)
-            sums[i] += torch.stack([(ce * ok).sum(), ((lg.argmax(-1) == tgt) & ok).sum(), ok.sum()]).double()
+            stats.loss_sum[i] += (ce * ok).sum().double()
+            stats.correct[i] += ((lg.argmax(-1) == tgt) & ok).sum()
+            stats.count[i] += ok.sum()
+    head = stats.metrics()
     out: dict[str, float] = {}
-    for i in range(n):
-        count = max(float(sums[i, 2]), 1.0)
-        loss = float(sums[i, 0]) / count
-        out |= {f"loss/head{i + 1}": loss, f"ppl/head{i + 1}": math.exp(loss), f"acc/head{i + 1}": float(sums[i, 1]) / count}
-        out[f"tokens/head{i + 1}"] = float(sums[i, 2])
+    for k in range(1, n + 1):
+        loss = head[f"loss/head{k}"]
+        out |= {f"loss/head{k}": loss, f"ppl/head{k}": math.exp(loss), f"acc/head{k}": head[f"acc/head{k}"]}
+        out[f"tokens/head{k}"] = float(stats.count[k - 1])
     return out
 
 
-def acceptance(model: LoadedModel, batches: Sequence[torch.Tensor], prompts: int, prompt_len: int, new_tokens: int) -> dict:
+def acceptance(
+    model: LoadedModel, batches: Sequence[torch.Tensor], prompts: int, prompt_len: int, new_tokens: int
+) -> dict:
     """Self-speculative statistics on ``prompts`` held-out prompts (the first ``prompt_len`` tokens of the
     batches' rows, which start anywhere in a document as training rows do), decoded as one batch, and
     whether the tokens equal plain greedy decoding's."""
     rows = [r for b in batches for r in b[:, :prompt_len].tolist()][:prompts]
     if not rows:
         return {}
-    spec = generate(model.decoder, rows, new_tokens, eos=model.eos, speculative=True, min_tokens_per_forward=0)
+    spec = generate(
+        model.decoder, rows, new_tokens, eos=model.eos, speculative=True, min_tokens_per_forward=0
+    )
     plain = generate(model.decoder, rows, new_tokens, eos=model.eos, speculative=False)
     out = spec.stats.as_dict()
     out["identical_to_greedy"] = spec.tokens == plain.tokens

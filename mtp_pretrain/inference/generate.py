@@ -8,7 +8,7 @@ those positions *if* the inputs before it are right: d1 is right iff d1 == g0, d
 So the longest matching prefix (a drafts) is accepted, g_a is head 1's own next token (always right), and
 a + 1 tokens come out of one forward. Rejected positions are rolled back by moving each row's cache length
 back; heads 2..n at the last accepted position supply the next drafts. The output equals greedy decoding
-token for token (tests/inference/test_generate.py); only the number of forward passes changes.
+token for token (tests/unit/inference/test_generate.py); only the number of forward passes changes.
 
 A forward over every head costs more than one over head 1 alone (measured ~1.4x on CPU at batch 1 for the
 demo model, whose 4 heads are 2/3 of its blocks), so drafts that are rarely accepted make decoding slower.

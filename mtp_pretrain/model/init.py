@@ -5,7 +5,7 @@ build the embedding draws different numbers, and its CPU path splits SwiGLU's fu
 one matrix (rank 0 would get all of `gate`). Here every weight is drawn whole — its unsharded shape —
 from a generator seeded by its *global* name, and each rank keeps its tensor-parallel shard. The same
 seed therefore gives the same model under every TP x PP x DP layout, which is what makes layouts
-comparable step for step (tests/distributed) and checkpoints reshardable from step 0.
+comparable step for step (tests/integration/distributed) and checkpoints reshardable from step 0.
 """
 
 from __future__ import annotations

@@ -4,11 +4,14 @@
     h --head i (one block) --shared final norm--shared unembedding--> logits predicting token t+i, i=1..n
 
 Stage 0 holds the embedding; the last stage holds the heads, the norm and the unembedding, and returns the
-loss (see loss.py). With n=1 this is exactly a plain L-layer decoder (tests/model/test_mtp_model.py
+loss of ``loss_fn`` (the model knows its signature, not its maths: mtp_pretrain/build.py passes
+loss.MTPLoss). With n=1 this is exactly a plain L-layer decoder (tests/unit/model/test_mtp_model.py
 compares it to megatron's GPTModel).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,16 +28,9 @@ from torch import Tensor
 
 from mtp_pretrain import compat
 from mtp_pretrain.config import ModelConfig, MTPConfig, ffn_hidden_size
-from mtp_pretrain.loss import mask_vocab_padding, mtp_loss
 from mtp_pretrain.model.heads import MTPHeads
-from mtp_pretrain.model.init import init_parameters
-from mtp_pretrain.targets import HeadTargets
-
-
-def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
-    """Vocabulary padded so every tensor-parallel shard is equal and aligned (megatron's convention)."""
-    step = multiple * tp
-    return -(-vocab_size // step) * step
+from mtp_pretrain.model.vocab import mask_vocab_padding
+from mtp_pretrain.targets import HeadStats, HeadTargets
 
 
 def transformer_config(
@@ -87,6 +83,13 @@ def transformer_config(
     )
 
 
+# (trunk output h [T, B, d], heads, unembed, unembedding weight, targets, rotary embedding) -> (loss, stats)
+LossFn = Callable[
+    [Tensor, MTPHeads, Callable[[Tensor], Tensor], torch.nn.Parameter, HeadTargets, Tensor | None],
+    tuple[Tensor, HeadStats],
+]
+
+
 class MTPModel(LanguageModule):
     """Trunk stage (+ embedding on stage 0, + MTP heads and shared unembedding on the last stage)."""
 
@@ -100,9 +103,7 @@ class MTPModel(LanguageModule):
         post_process: bool = True,
         tie_embeddings: bool = False,
         rotary_base: int = 10000,
-        loss_weights: list[float] | None = None,
-        chunk_size: int = 0,
-        memory_efficient: bool = True,
+        loss_fn: LossFn | None = None,
         layer_spec: ModuleSpec | None = None,
         vp_stage: int | None = None,
         real_vocab_size: int | None = None,
@@ -114,8 +115,7 @@ class MTPModel(LanguageModule):
         self.real_vocab_size = real_vocab_size if real_vocab_size is not None else vocab_size
         self.pre_process, self.post_process = pre_process, post_process
         self.share_embeddings_and_output_weights = tie_embeddings
-        self.loss_weights = list(loss_weights) if loss_weights is not None else [1.0] * n_heads
-        self.chunk_size, self.memory_efficient = chunk_size, memory_efficient
+        self.loss_fn = loss_fn  # the last stage's loss; None: forward() is not for training (inference, tools)
         self.model_type = ModelType.encoder_or_decoder  # megatron's schedules read it
         spec = layer_spec or get_gpt_layer_local_spec(normalization="RMSNorm")
 
@@ -176,29 +176,21 @@ class MTPModel(LanguageModule):
 
     def forward(
         self, tokens: Tensor, target_valid: Tensor | None = None, segments: Tensor | None = None
-    ) -> Tensor | tuple[Tensor, Tensor]:
+    ) -> Tensor | tuple[Tensor, HeadStats]:
         """tokens [B, T+n]: inputs are the first T, head i's targets are shifted by i. ``target_valid`` masks
         padding; ``segments`` (document numbers) masks targets in another document than their input token.
 
-        Returns this stage's activations, or on the last stage (loss, per-head stats [n, 3]).
+        Returns this stage's activations, or on the last stage (loss, per-head statistics).
         """
         seq_len = tokens.shape[1] - self.n_heads
         h, rotary = self.trunk(tokens[:, :seq_len] if self.pre_process else None, seq_len)
         if not self.post_process:
             return h
+        if self.loss_fn is None:
+            raise RuntimeError("MTPModel built without a loss_fn cannot train: build it with mtp_pretrain.build")
         valid = target_valid if target_valid is not None else torch.ones_like(tokens, dtype=torch.bool)
-        return mtp_loss(
-            h,
-            self.heads,
-            self.unembed,
-            self.unembedding_weight(),
-            HeadTargets(tokens, valid, segments),
-            rotary,
-            self.loss_weights,
-            chunk_size=self.chunk_size,
-            memory_efficient=self.memory_efficient,
-            vocab_limit=self.real_vocab_size,
-        )
+        targets = HeadTargets(tokens, valid, segments)
+        return self.loss_fn(h, self.heads, self.unembed, self.unembedding_weight(), targets, rotary)
 
     @torch.no_grad()
     def head_logits(self, tokens: Tensor, heads: int | None = None) -> list[Tensor]:
@@ -209,55 +201,3 @@ class MTPModel(LanguageModule):
             mask_vocab_padding(self.unembed(self.heads.forward_head(i, h, rotary)), self.real_vocab_size)
             for i in range(k)
         ]
-
-
-def build_model(
-    model: ModelConfig,
-    mtp: MTPConfig,
-    vocab_size: int,
-    config: TransformerConfig,
-    pre_process: bool = True,
-    post_process: bool = True,
-    seed: int = 0,
-    vp_stage: int | None = None,
-) -> MTPModel:
-    """The model (or this rank's pipeline stage of it) from the structured config, initialised from `seed`
-    identically under every parallel layout. ``vocab_size`` is the tokenizer's; the embedding and unembedding
-    are padded to a multiple of 128 x TP (megatron's rule), and the padding ids never get probability."""
-    mtp_model = MTPModel(
-        config,
-        vocab_size=padded_vocab_size(vocab_size, config.tensor_model_parallel_size),
-        real_vocab_size=vocab_size,
-        n_heads=mtp.n,
-        seq_len=model.seq_len,
-        pre_process=pre_process,
-        post_process=post_process,
-        tie_embeddings=model.tie_embeddings,
-        rotary_base=model.rotary_base,
-        loss_weights=mtp.weights(),
-        chunk_size=mtp.chunk_size,
-        memory_efficient=mtp.memory_efficient,
-        vp_stage=vp_stage,
-    )
-    init_parameters(mtp_model, config, total_layers=model.num_layers, seed=seed)
-    return mtp_model
-
-
-def build_pipeline_chunks(
-    model: ModelConfig, mtp: MTPConfig, vocab_size: int, config: TransformerConfig, seed: int = 0
-) -> list[MTPModel]:
-    """This rank's model chunks: one, or `vpp` of them under the interleaved schedule. The embedding goes
-    to the first chunk of pipeline rank 0, the heads and unembedding to the last chunk of the last rank."""
-    from megatron.core import parallel_state
-
-    vpp = config.virtual_pipeline_model_parallel_size
-    stages = range(vpp) if vpp and vpp > 1 else [None]
-    return [
-        build_model(
-            model, mtp, vocab_size, config,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-            seed=seed, vp_stage=vp,
-        )  # fmt: skip
-        for vp in stages
-    ]

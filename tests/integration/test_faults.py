@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from megatron.core.dist_checkpointing.serialization import load_plain_tensors
 from mtp_pretrain.metrics import load_history
 from mtp_pretrain.preemption import EXIT_PREEMPTED
 from tests.conftest import tiny_run_overrides
-from tests.launch import clean_env, cli, start
+from tests.launch import cli, start
 
 STEPS = 6
 
@@ -27,7 +28,9 @@ def _overrides(source: Path, cache: Path, run_dir: Path) -> list[str]:
 
 
 def _cli(overrides: list[str], crash_at: str | None = None, **popen) -> subprocess.Popen:
-    return start(cli(*overrides), env=clean_env(**({"MTP_CRASH_AT": crash_at} if crash_at else {})), **popen)
+    """mtp-train with these overrides; with ``crash_at`` (POINT:K) under tests/faults.py, which kills it there."""
+    cmd = [sys.executable, "tests/faults.py", crash_at, *overrides] if crash_at else cli(*overrides)
+    return start(cmd, **popen)
 
 
 def _run(overrides: list[str], crash_at: str | None = None) -> tuple[int, str]:
@@ -56,6 +59,8 @@ def reference(tmp_path_factory, synthetic_source):
 
 
 def _assert_same_run(run_dir: Path, reference: dict) -> None:
+    """Exact: each resume restores every state bit for bit and runs the same kernels on this machine (the
+    same CPU, thread count and data order as the reference run), so the whole run is deterministic."""
     assert _train_losses(run_dir) == reference["losses"]  # bit-identical, every step and head
     final = f"step_{STEPS:08d}"
     want = load_plain_tensors(str(reference["run_dir"] / "checkpoints" / final))

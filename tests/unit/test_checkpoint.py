@@ -8,10 +8,11 @@ import pytest
 import torch
 from megatron.core import dist_checkpointing
 
+from mtp_pretrain.build import build_model
 from mtp_pretrain.checkpoint import Checkpointer, CheckpointError, step_dir_name, verify
 from mtp_pretrain.config import ModelConfig, MTPConfig, OptimConfig
 from mtp_pretrain.engine.megatron import MegatronEngine
-from mtp_pretrain.model.mtp_model import build_model, transformer_config
+from mtp_pretrain.model.mtp_model import transformer_config
 from mtp_pretrain.rng import get_rng_state
 
 MODEL = ModelConfig(preset="ckpt-test", num_layers=3, hidden_size=32, num_attention_heads=2, seq_len=16)
@@ -162,7 +163,7 @@ def test_load_round_trips_model_and_dicts_without_pickled_code(model, tmp_path):
     other.load_state_dict(state)
     after = {k: v for k, v in other.state_dict().items() if not k.endswith("_extra_state")}
     assert after.keys() == ref.keys()
-    for k in ref:
+    for k in ref:  # a load returns the saved bytes: exact
         assert torch.equal(after[k], ref[k]), k
     assert common == {"trainer": {"step": 3}, "note": "saved at 3"}
     assert torch.equal(per_rank["rank_value"], torch.tensor([3, 7]))
@@ -211,9 +212,10 @@ def test_engine_resume_is_bit_identical(dist_world, tmp_path):
     resumed.load_state_dict(common["engine"])
     assert ck.latest() == path
 
+    # exact: the same kernels in this process on the same weights, Adam state and schedule, all restored
     a, b = _step(original, batches[2]), _step(resumed, batches[2])
     assert a.loss == b.loss and a.lr == b.lr and a.grad_norm == b.grad_norm
-    assert torch.equal(a.head_stats, b.head_stats)
+    assert torch.equal(a.head_stats.packed(), b.head_stats.packed())
     params_a = dict(original.model.module.named_parameters())
     params_b = dict(resumed.model.module.named_parameters())
     assert params_a.keys() == params_b.keys()

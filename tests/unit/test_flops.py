@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from mtp_pretrain import flops
+from mtp_pretrain.build import build_model
 from mtp_pretrain.config import ModelConfig, MTPConfig, ffn_hidden_size
-from mtp_pretrain.flops import block_params, peak_flops, train_flops_per_token
-from mtp_pretrain.model.mtp_model import build_model, transformer_config
+from mtp_pretrain.flops import block_params, mfu, model_params, peak_flops, train_flops_per_token
+from mtp_pretrain.model.mtp_model import transformer_config
 
 SMALL = ModelConfig(preset="t", num_layers=5, hidden_size=64, num_attention_heads=4, seq_len=32)
 
@@ -82,3 +83,18 @@ def test_peak_flops_gpu_table(monkeypatch, name, bf16, fp32):
     monkeypatch.setattr(flops.torch.cuda, "get_device_name", lambda *a: name)
     assert peak_flops(torch.bfloat16) == bf16
     assert peak_flops(torch.float32) == fp32
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_model_params_match_the_built_model(dist_world, tied):
+    """Every weight but the norms: L blocks + embedding + unembedding (one matrix when tied); the vocabulary
+    is a multiple of 128, so megatron's padding adds nothing."""
+    m = replace(SMALL, tie_embeddings=tied)
+    vocab, mtp = 256, MTPConfig(n=2)
+    model = build_model(m, mtp, vocab, transformer_config(m, mtp))
+    weights = sum(p.numel() for name, p in model.named_parameters() if "layernorm" not in name)
+    assert weights == model_params(m, vocab)
+
+
+def test_mfu_is_model_flops_done_over_the_peak():
+    assert mfu(tokens_per_s=1000.0, flops_per_token=2e9, peak_flops_total=4e12) == 0.5

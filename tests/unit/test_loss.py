@@ -5,11 +5,21 @@ from dataclasses import replace
 import pytest
 import torch
 
+from mtp_pretrain.build import build_model
 from mtp_pretrain.config import ModelConfig, MTPConfig
-from mtp_pretrain.model.mtp_model import build_model, transformer_config
+from mtp_pretrain.model.mtp_model import transformer_config
 from mtp_pretrain.targets import target_mask
 
 VOCAB = 256
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def assert_same_gradient(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """The same per-position products summed in another order (per head and chunk, dW accumulated by hand):
+    fp32 reordering noise of the summands' size, bounded by the tensor's largest entry (measured up to 12
+    ulps of it on AVX-512, AVX2 and scalar kernels; 64 leaves room), also for entries that cancel to ~0."""
+    scale = float(want.abs().max()) or 1.0
+    torch.testing.assert_close(got, want, rtol=0, atol=64 * EPS32 * scale, msg=lambda m: f"{name}: {m}")
 
 
 def _models(cfg: ModelConfig, n: int, chunk: int, tie: bool = False):
@@ -44,15 +54,18 @@ def test_memory_efficient_gradients_equal_naive(dist_world, tiny_model_cfg, n, c
     loss_e, stats_e = eff(tokens, valid)
     (2.5 * loss_n).backward()  # an outer scale (grad accumulation, loss scaling) must reach every gradient
     (2.5 * loss_e).backward()
-    torch.testing.assert_close(loss_e, loss_n, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(stats_e, stats_n, rtol=1e-6, atol=1e-5)
+    # the same fp32 CE sums in both paths (chunking reorders the sum over <= 72 positions per head): a few
+    # ulps of the loss (measured <= 1); 16 as in tests/unit/engine/test_megatron.py
+    torch.testing.assert_close(loss_e, loss_n, rtol=16 * EPS32, atol=0)
+    # per-head (CE sum over <= 72 positions, hits, count): hits and counts exact, sums measured <= 2.2 ulps
+    torch.testing.assert_close(stats_e.packed(), stats_n.packed(), rtol=16 * EPS32, atol=0)
     grads_n = dict(naive.named_parameters())
     checked = 0
     for name, p in eff.named_parameters():
         ref = grads_n[name].grad
         assert (p.grad is None) == (ref is None), name
         if ref is not None:
-            torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+            assert_same_gradient(p.grad, ref, name)
             checked += 1
     assert checked == len(list(eff.parameters()))
 
@@ -64,7 +77,7 @@ def test_tied_embeddings_gradients_equal_naive(dist_world, tiny_model_cfg):
     naive(tokens, valid)[0].backward()
     eff(tokens, valid)[0].backward()
     for (name, p), q in zip(eff.named_parameters(), naive.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+        assert_same_gradient(p.grad, q.grad, name)
 
 
 def test_eval_path_matches_training_value_and_keeps_no_graph(dist_world, tiny_model_cfg):
@@ -74,8 +87,10 @@ def test_eval_path_matches_training_value_and_keeps_no_graph(dist_world, tiny_mo
     with torch.no_grad():
         loss_eval, stats_eval = eff(tokens, valid)
     assert not loss_eval.requires_grad
+    # the eval path sums the same CE values without the autograd Function: measured equal; the default fp32
+    # tolerance (1.3e-6 relative, ~11 ulps) allows another summation order
     torch.testing.assert_close(loss_eval, loss_train.detach())
-    torch.testing.assert_close(stats_eval, stats_train)
+    torch.testing.assert_close(stats_eval.packed(), stats_train.packed())
 
 
 def test_stats_count_valid_targets_and_accuracy(dist_world, tiny_model_cfg):
@@ -84,10 +99,10 @@ def test_stats_count_valid_targets_and_accuracy(dist_world, tiny_model_cfg):
     _, stats = eff(tokens, valid)
     T = tiny_model_cfg.seq_len
     for i in range(2):
-        assert stats[i, 2] == valid[:, i + 1 : i + 1 + T].sum()
-        assert 0 <= stats[i, 1] <= stats[i, 2]
-    # an untrained model is near uniform: mean CE close to ln(V)
-    mean_ce = stats[:, 0] / stats[:, 2]
+        assert stats.count[i] == valid[:, i + 1 : i + 1 + T].sum()
+        assert 0 <= stats.correct[i] <= stats.count[i]
+    # an untrained model (init std 0.02) is near uniform: mean CE within 0.5 of ln(V) (measured 0.04)
+    mean_ce = stats.loss_sum / stats.count
     assert torch.all((mean_ce - torch.log(torch.tensor(float(VOCAB)))).abs() < 0.5)
 
 
@@ -95,7 +110,9 @@ def test_loss_weights_scale_each_head(dist_world, tiny_model_cfg):
     _, eff = _models(tiny_model_cfg, 2, 0)
     tokens, valid = _batch(tiny_model_cfg, 2, False)
     loss, stats = eff(tokens, valid)
-    means = stats[:, 0] / stats[:, 2]
+    means = stats.loss_sum / stats.count
+    # the same per-head sums, divided and weighted here in another order: an ulp or two of the loss (measured
+    # 0.6); the default fp32 tolerance (1.3e-6 relative, ~11 ulps)
     torch.testing.assert_close(loss.detach(), 1.0 * means[0] + 1.5 * means[1])
 
 
@@ -111,17 +128,17 @@ def test_document_boundary_mask_drops_cross_document_targets(dist_world, tiny_mo
     loss_e, stats_e = eff(tokens, valid, segments)
     loss_n.backward()
     loss_e.backward()
-    torch.testing.assert_close(loss_e, loss_n, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss_e, loss_n, rtol=16 * EPS32, atol=0)  # as in the first test
     T = tiny_model_cfg.seq_len
     for i in range(n):  # expected counts, position by position
         same_doc = [
             [bool(valid[b, t + i + 1]) and int(segments[b, t]) == int(segments[b, t + i + 1]) for t in range(T)]
             for b in range(tokens.shape[0])
         ]
-        assert stats_e[i, 2].item() == stats_n[i, 2].item() == sum(map(sum, same_doc))
-    assert stats_e[n - 1, 2] < valid[:, n:].sum()  # the mask removed targets
+        assert stats_e.count[i].item() == stats_n.count[i].item() == sum(map(sum, same_doc))
+    assert stats_e.count[n - 1] < valid[:, n:].sum()  # the mask removed targets
     for (name, p), q in zip(eff.named_parameters(), naive.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+        assert_same_gradient(p.grad, q.grad, name)
 
 
 def test_padding_ids_of_the_padded_vocabulary_get_no_probability(dist_world, tiny_model_cfg):
@@ -141,6 +158,8 @@ def test_padding_ids_of_the_padded_vocabulary_get_no_probability(dist_world, tin
             full = model.unembed(model.heads.forward_head(i, h, rotary))[..., :200]  # [T, B, 200]
             target = tokens[:, i + 1 : i + 1 + tiny_model_cfg.seq_len].t()
             want += torch.nn.functional.cross_entropy(full.flatten(0, 1), target.flatten())
-    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    # CE over 256 ids of which 56 are -inf (exact zeros in the sum) vs over the 200 real ones: another
+    # summation order of the same terms, a few ulps of the loss (measured equal)
+    torch.testing.assert_close(loss, want, rtol=16 * EPS32, atol=0)
     loss.backward()
     assert model.output_layer.weight.grad[200:].abs().max() == 0  # padding rows learn nothing

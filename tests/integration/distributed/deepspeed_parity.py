@@ -17,10 +17,10 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from mtp_pretrain import parallel
+from mtp_pretrain.build import build_model
 from mtp_pretrain.config import MTPConfig, ParallelConfig
 from mtp_pretrain.engine.deepspeed import DeepSpeedEngine
-from mtp_pretrain.model.mtp_model import build_model, transformer_config
-from mtp_pretrain.trainer import head_metrics
+from mtp_pretrain.model.mtp_model import transformer_config
 from tests.integration.distributed.layout_parity import (
     MICRO,
     OPTIM,
@@ -45,7 +45,7 @@ def run(zero: int, ga: int, tp: int) -> tuple[list[dict], DeepSpeedEngine]:
     for step in range(STEPS):
         it = iter([(t, torch.ones_like(t, dtype=torch.bool)) for t in micro_batches(step, N, dp, dp_rank, ga)])
         result = engine.train_step(it, ga, cfg.seq_len, MICRO)
-        history.append(head_metrics(result.head_stats, result.loss) | {"grad_norm": result.grad_norm})
+        history.append({"loss": result.loss, **result.head_stats.metrics(), "grad_norm": result.grad_norm})
     return history, engine
 
 

@@ -19,10 +19,10 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from mtp_pretrain import parallel
+from mtp_pretrain.build import build_pipeline_chunks
 from mtp_pretrain.config import ModelConfig, MTPConfig, OptimConfig
 from mtp_pretrain.engine.megatron import MegatronEngine
-from mtp_pretrain.model.mtp_model import build_pipeline_chunks, transformer_config
-from mtp_pretrain.trainer import head_metrics
+from mtp_pretrain.model.mtp_model import transformer_config
 
 VOCAB, STEPS, GA, MICRO = 256, 6, 2, 2
 OPTIM = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2, clip_grad=1.0)
@@ -74,7 +74,7 @@ def run(
         it = iter([(t, torch.ones_like(t, dtype=torch.bool)) for t in mbs])
         result = engine.train_step(it, ga, model_cfg(n).seq_len, MICRO)
         if result.head_stats is not None:
-            history.append(head_metrics(result.head_stats, result.loss) | {"grad_norm": result.grad_norm})
+            history.append({"loss": result.loss, **result.head_stats.metrics(), "grad_norm": result.grad_norm})
     return history, engine
 
 

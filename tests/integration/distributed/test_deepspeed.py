@@ -12,7 +12,6 @@ from tests.integration.distributed import layout_parity
 from tests.integration.distributed.test_tensor_parallel import compare_to_reference, launch_all
 
 LAUNCHES = {2: ["1,1", "1,2", "2,1", "2,2", "3,1", "3,2"], 4: ["1,2,tp2", "2,1,tp2"]}
-LOSS_TOL, PARAM_TOL = 1e-5, 3e-5  # as tests/distributed/test_layouts.py: fp32 reduction-order noise through Adam
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +23,7 @@ def test_every_zero_stage_matches_one_process(dist_world, ds_runs):
     names = sorted(p.stem for p in ds_runs.glob("zero*.json"))
     assert len(names) == 8, names
     references = {}
-    worst_loss, worst_param = 0.0, 0.0
+    worst_rel, worst_param = 0.0, 0.0
     for name in names:
         ga, dp = int(name.split("-ga")[1].split("-")[0]), int(name.split("dp")[1])
         if ga * dp not in references:
@@ -34,17 +33,19 @@ def test_every_zero_stage_matches_one_process(dist_world, ds_runs):
         ref_history, ref_params, ref_engine = references[ga * dp]
         history = json.loads((ds_runs / f"{name}.json").read_text())
         loaded = dist_checkpointing.load({"model": ref_engine.module.sharded_state_dict()}, str(ds_runs / name))["model"]
-        worst = compare_to_reference(name, history, ref_history, loaded, ref_params, LOSS_TOL, PARAM_TOL)
-        worst_loss, worst_param = max(worst_loss, worst[0]), max(worst_param, worst[1])
-    print(f"deepspeed vs one process: worst per-head loss diff {worst_loss:.2e}, worst param diff {worst_param:.2e}")
+        worst = compare_to_reference(name, history, ref_history, loaded, ref_params, layout_parity.OPTIM.lr)
+        worst_rel, worst_param = max(worst_rel, worst[0]), max(worst_param, worst[1])
+    print(f"deepspeed vs one process: worst loss / grad norm difference {worst_rel:.1f} eps (relative), "
+          f"worst param diff {worst_param:.2e}")
 
 
 def test_deepspeed_checkpoint_resumes_on_another_dp_size_through_universal(dist_world, ds_runs):
     """The ZeRO-2 DP2 engine checkpoint on one process: converted automatically, weights and Adam state
     restored exactly (parameters bit-identical to that run's final ones), and training continues."""
+    from mtp_pretrain.build import build_model
     from mtp_pretrain.config import MTPConfig, ParallelConfig
     from mtp_pretrain.engine.deepspeed import DeepSpeedEngine
-    from mtp_pretrain.model.mtp_model import build_model, transformer_config
+    from mtp_pretrain.model.mtp_model import transformer_config
 
     name = "zero2-ga1-tp1dp2"
     cfg, mtp = layout_parity.model_cfg(script.N), MTPConfig(n=script.N)

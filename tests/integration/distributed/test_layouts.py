@@ -1,4 +1,5 @@
-"""Every parallel layout trains like one process: per-head loss curves and final parameters (fp32, gloo).
+"""Every parallel layout trains like one process: per-head loss curves, gradient norms and final parameters
+(fp32, gloo).
 
 Two torchrun launches (2 and 4 ranks) run all layouts of tests/distributed/layout_parity.py; this
 process runs the single-process reference on the same global batches and loads each layout's final
@@ -16,7 +17,6 @@ from tests.integration.distributed.test_tensor_parallel import compare_to_refere
 # world 2: TP2, PP2, DP2 (+ PP2 tied, PP2 uneven, PP2 x VPP2 interleaved);
 # world 4: TP2xPP2, DP2xPP2, DP2xTP2 (+ TP2xPP2 tied)
 LAUNCHES = {2: ["2,1", "1,2", "1,1", "1,2,tie", "1,2,uneven", "1,2,vpp2"], 4: ["2,2", "1,2", "2,1", "2,2,tie"]}
-LOSS_TOL, PARAM_TOL = 1e-5, 3e-5  # params: Adam magnifies fp32 reduction-order noise on rarely-hit embedding rows
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_every_layout_matches_one_process(dist_world, layout_runs, n):
     names = sorted(p.stem for p in layout_runs.glob(f"*-n{n}*.json"))
     assert len(names) == 8, names  # tp2, pp2, dp2, tp2pp2, dp2pp2, dp2tp2 + (uneven, vpp2) or (2 tied)
     references = {}
-    worst_loss, worst_param = 0.0, 0.0
+    worst_rel, worst_param = 0.0, 0.0
     for name in names:
         # "-uneven" / "-vpp2" split the same model differently: same reference
         dp, tie = int(name.split("dp")[1].split("-")[0]), name.endswith("-tie")
@@ -46,6 +46,7 @@ def test_every_layout_matches_one_process(dist_world, layout_runs, n):
         loaded = dist_checkpointing.load(
             {"model": ref_engine.model.module.sharded_state_dict()}, str(layout_runs / name)
         )["model"]
-        worst = compare_to_reference(name, history, ref_history, loaded, ref_params, LOSS_TOL, PARAM_TOL)
-        worst_loss, worst_param = max(worst_loss, worst[0]), max(worst_param, worst[1])
-    print(f"n={n}: worst per-head loss diff {worst_loss:.2e}, worst param diff {worst_param:.2e}")
+        worst = compare_to_reference(name, history, ref_history, loaded, ref_params, script.OPTIM.lr)
+        worst_rel, worst_param = max(worst_rel, worst[0]), max(worst_param, worst[1])
+    print(f"n={n}: worst loss / grad norm difference {worst_rel:.1f} eps (relative), "
+          f"worst param diff {worst_param:.2e}")

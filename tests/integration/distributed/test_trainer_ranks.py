@@ -3,13 +3,15 @@
 import json
 
 import pytest
+import torch
 
 from mtp_pretrain.trainer import Trainer
 from tests.conftest import compose_config
 from tests.integration.distributed import trainer_ranks as script
 from tests.launch import INTEGRATION, torchrun
+from tests.unit.inference.test_model import assert_same_logits
 
-RESHARD_TOL = 2e-6  # another TP x PP layout: fp32 reduction-order noise; 1 ulp at a loss of ~12 is 9.5e-7
+EPS32 = torch.finfo(torch.float32).eps
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,8 @@ def test_resume_on_every_rank_continues_the_same_batches_and_losses(runs):
     k = script.RESUME_AT * 2
     for full, resumed in zip(runs[1]["tp2dp2"], runs[1]["resumed"], strict=True):
         assert resumed["batches"] == full["batches"][k:], (full["tp_rank"], full["dp_rank"])
-        assert resumed["losses"] == full["losses"][script.RESUME_AT :]  # bit-identical
+        # bit-identical: the same layout resumed on the same machine, every state restored (see test_faults)
+        assert resumed["losses"] == full["losses"][script.RESUME_AT :]
         assert full["val"]["loss/head1"] > 0 and resumed["val"] == full["val"]
 
 
@@ -57,8 +60,9 @@ def test_sigusr1_to_one_rank_stops_all_at_the_same_step_with_a_checkpoint(runs):
 
 
 def _diff(a: list[float], b: list[float]) -> float:
+    """The largest relative difference of two loss curves, in fp32 eps."""
     assert len(a) == len(b) > 0
-    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True)) / EPS32
 
 
 def test_resume_on_another_layout_continues_the_loss(dist_world, runs, synthetic_source):
@@ -70,13 +74,16 @@ def test_resume_on_another_layout_continues_the_loss(dist_world, runs, synthetic
     step3 = out / "tp2pp2" / "checkpoints" / f"step_{script.RESUME_AT:08d}"
     cfg = compose_config(*script.overrides(synthetic_source, out / "cache", out / "tp2pp2-at-1", **{"trainer.resume": step3}))
     worst["tp2pp2 -> 1"] = _diff(Trainer(cfg).fit().losses, ref)
-    print("re-sharded resume, worst loss difference:", worst)
-    assert max(worst.values()) < RESHARD_TOL, worst
+    print("re-sharded resume, worst loss difference (fp32 eps, relative):", worst)
+    # the same weights and Adam state in another TP x PP x DP layout: fp32 sums split differently, and Adam
+    # steps from gradients reduced in another order, which move a loss only at second order (as in
+    # test_layouts.py); bound 16 eps of the loss (~12), as there
+    assert max(worst.values()) <= 16, worst
 
 
 def test_resume_with_another_dp_size_redeals_the_data(dist_world, runs, synthetic_source, capsys):
     """TP2xDP2 -> one process: model and optimizer re-shard, the data position is re-dealt (see the rule in
-    mtp_pretrain.data.stream.reshard_states; its no-repeat/no-skip property is tests/data/test_loader.py's)."""
+    mtp_pretrain.data.reshard.reshard_states; its no-repeat/no-skip property is tests/data/test_loader.py's)."""
     out, results = runs
     step3 = out / "tp2dp2" / "checkpoints" / f"step_{script.RESUME_AT:08d}"
     cfg = compose_config(*script.overrides(synthetic_source, out / "cache", out / "tp2dp2-at-1", **{"trainer.resume": step3}))
@@ -91,8 +98,6 @@ def test_resume_with_another_dp_size_redeals_the_data(dist_world, runs, syntheti
 def test_generation_gathers_a_tp2pp2_checkpoint_into_one_process(dist_world, runs, synthetic_source):
     """mtp-generate's loader reads a TP2 x PP2 checkpoint directly: its decoder's logits, every head, equal
     those of the training model re-sharded into this process by dist_checkpointing."""
-    import torch
-
     from mtp_pretrain.inference.weights import load_model
 
     out, _ = runs
@@ -103,4 +108,4 @@ def test_generation_gathers_a_tp2pp2_checkpoint_into_one_process(dist_world, run
     tokens = torch.randint(2, decoder.cfg.vocab_size, (2, decoder.cfg.context), generator=torch.Generator().manual_seed(0))
     ours = decoder(tokens)
     for i, theirs in enumerate(model.head_logits(tokens)):
-        torch.testing.assert_close(ours[i], theirs.transpose(0, 1)[..., : decoder.cfg.vocab_size], rtol=1e-4, atol=1e-4)
+        assert_same_logits(ours[i], theirs.transpose(0, 1)[..., : decoder.cfg.vocab_size])

@@ -50,10 +50,9 @@ def run(source: Path, cache: Path, run_dir: Path, signal_after: int | None = Non
             yield batch
 
     def signalling(*args, **kw):
-        result = train_step(*args, **kw)
-        if trainer.step + 1 == signal_after:
+        if trainer.step + 1 == signal_after:  # arrives during step `signal_after`: every rank stops after it
             os.kill(os.getpid(), signal.SIGUSR1)
-        return result
+        return train_step(*args, **kw)
 
     trainer._micro_batches = recording
     trainer.engine.train_step = signalling

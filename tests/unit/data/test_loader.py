@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import torch
 
+from mtp_pretrain.data.datasets import Dataset
 from mtp_pretrain.data.loader import BatchLoader
-from mtp_pretrain.data.stream import Dataset, PackedBatchStream
+from mtp_pretrain.data.stream import PackedBatchStream
 from tests.unit.data.conftest import DOCS_PER_SHARD, N_DOCS, doc_ids, take
 
 BATCH, SAMPLE = 2, 20

@@ -12,8 +12,10 @@ import pytest
 import torch
 import webdataset as wds
 
+from mtp_pretrain.data.datasets import Dataset
+from mtp_pretrain.data.shard_reader import ShardReadError, expand_urls
 from mtp_pretrain.data.shards import write_shards
-from mtp_pretrain.data.stream import Dataset, PackedBatchStream, ShardReadError, expand_urls
+from mtp_pretrain.data.stream import PackedBatchStream
 from mtp_pretrain.data.tokenizer import load_tokenizer
 from tests.unit.data.conftest import EOS, N_DOCS, PAD, doc_ids, flat, make_texts, take
 

@@ -5,10 +5,13 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+from mtp_pretrain.build import build_model
 from mtp_pretrain.config import ModelConfig, MTPConfig
-from mtp_pretrain.model.mtp_model import build_model, padded_vocab_size, transformer_config
+from mtp_pretrain.model.mtp_model import transformer_config
+from mtp_pretrain.model.vocab import padded_vocab_size
 
 VOCAB = 256
+EPS32 = torch.finfo(torch.float32).eps
 
 
 def _plain_gpt_key(key: str, trunk_layers: int) -> str:
@@ -44,8 +47,13 @@ def test_n1_is_a_plain_L_layer_decoder(dist_world, tiny_model_cfg: ModelConfig):
     logits_gpt = gpt(inputs, positions, attention_mask=None)  # [B, T, V]
     plain_loss = F.cross_entropy(logits_gpt.reshape(-1, VOCAB), labels.reshape(-1))
     loss, _ = ours(tokens)
-    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(ours.head_logits(inputs)[0].transpose(0, 1), logits_gpt, rtol=1e-5, atol=1e-5)
+    # the same logits (below), CE by our loss vs F.cross_entropy: another order of the sums over 256 ids and
+    # 48 positions, a few ulps of the loss (measured <= 0.7); 16 as in tests/unit/test_loss.py
+    torch.testing.assert_close(loss, plain_loss, rtol=16 * EPS32, atol=0)
+    # the same modules on the same inputs: bit-identical here (AVX-512, AVX2 and scalar kernels); 64 ulps of
+    # the logits' largest magnitude leave room for a GEMM that takes another path per call on other CPUs
+    ours_logits, scale = ours.head_logits(inputs)[0].transpose(0, 1), float(logits_gpt.abs().max())
+    torch.testing.assert_close(ours_logits, logits_gpt, rtol=0, atol=64 * EPS32 * scale)
 
 
 def test_heads_are_causal(dist_world, tiny_model_cfg: ModelConfig):
@@ -56,8 +64,10 @@ def test_heads_are_causal(dist_world, tiny_model_cfg: ModelConfig):
     changed = tokens.clone()
     changed[0, 10:] = (changed[0, 10:] + 1) % VOCAB
     for a, b in zip(model.head_logits(tokens), model.head_logits(changed), strict=True):
+        # positions < 10 see the same tokens through the same kernels, masked keys add exact zeros: measured
+        # equal; the default fp32 tolerance (1.3e-6 relative + 1e-5) only allows another summation order
         torch.testing.assert_close(a[:10], b[:10])
-        assert not torch.allclose(a[10:], b[10:])
+        assert not torch.allclose(a[10:], b[10:])  # other tokens: changes far beyond rounding
 
 
 def test_block_count_is_L_for_every_n(dist_world, tiny_model_cfg: ModelConfig):

@@ -1,0 +1,157 @@
+"""What a checkpoint holds, from which parts, and when a run loads one (torchtitan's CheckpointManager).
+
+The parts are stateful (``state_dict()`` / ``load_state_dict()``); the manager knows only that protocol:
+    shared by all ranks (trainer.pt):  trainer counters, engine schedule, every DP rank's data position,
+                                       + the run's config, tokenizer and library versions
+    per rank (rank_NNNNN.pt):          RNG streams
+    sharded (the engine's own files):  model + optimizer
+Adding a stateful thing adds one entry to ``parts`` (or ``rank_parts``). The files themselves (atomic step
+directories, verification, `latest`) are checkpoint.Checkpointer's job.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from omegaconf import OmegaConf
+
+from mtp_pretrain import parallel
+from mtp_pretrain.checkpoint import Checkpointer, CheckpointError
+from mtp_pretrain.config import Config, finetune_mismatches, from_yaml, shape_mismatches
+from mtp_pretrain.data.loader import BatchLoader
+from mtp_pretrain.data.tokenizer import tokenizer_hash
+from mtp_pretrain.engine.base import Engine
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """The trainer's counters."""
+
+    step: int = 0
+    consumed_tokens: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "consumed_tokens": self.consumed_tokens}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.consumed_tokens = int(state["step"]), int(state["consumed_tokens"])
+
+
+class DataPosition:
+    """Every DP rank's loader position, stored on every rank: a run with another DP size or worker count
+    re-deals the unread rest of the epoch (no document repeated or skipped)."""
+
+    def __init__(self, loader: BatchLoader, dp_rank: int, dp_size: int, num_workers: int) -> None:
+        self.loader, self.dp_rank, self.dp_size, self.num_workers = loader, dp_rank, dp_size, num_workers
+
+    def state_dict(self) -> dict[str, Any]:
+        """A collective: gathers the positions of all ranks."""
+        every: list = [None] * parallel.world_size()
+        torch.distributed.all_gather_object(every, (self.dp_rank, self.loader.state_dict()))
+        return {"dp_size": self.dp_size, "num_workers": self.num_workers, "loaders": dict(every)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        same = state["dp_size"] == self.dp_size and max(state["num_workers"], 1) == self.loader.readers_per_rank
+        if same:
+            self.loader.load_state_dict(state["loaders"][self.dp_rank])
+            return
+        self.loader.load_resharded(state["loaders"])
+        if parallel.rank() == 0:
+            print(
+                f"  data readers changed (DP {state['dp_size']} x workers {state['num_workers']} -> DP "
+                f"{self.dp_size} x workers {self.num_workers}): the unread rest of the current epoch is dealt "
+                f"out to the new readers; no document repeated or skipped, order changes"
+            )
+
+
+def _versions() -> dict[str, str]:
+    return {n: importlib.metadata.version(n) for n in ("torch", "megatron-core", "mtp-pretrain")}
+
+
+def _is_head_beyond(key: str, n: int) -> bool:
+    """Whether a model state key belongs to head number >= n (0-based): absent from an n-head checkpoint."""
+    match = re.match(r"(?:.*\.)?heads\.layers\.(\d+)\.", key)
+    return match is not None and int(match[1]) >= n
+
+
+class CheckpointManager:
+    """Saves and restores the engine's sharded state and the named ``parts`` / ``rank_parts``."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        engine: Engine,
+        parts: dict[str, Stateful],
+        rank_parts: dict[str, Stateful],
+        tokenizer_path: Path,
+    ) -> None:
+        self.cfg, self.engine, self.tokenizer_path = cfg, engine, Path(tokenizer_path)
+        self.parts = {"engine": engine, **parts}
+        self.rank_parts = rank_parts
+        self.storage = Checkpointer(Path(cfg.trainer.run_dir) / "checkpoints", keep_last=cfg.trainer.keep_last)
+
+    def restore(self) -> None:
+        """Continue this run from its newest valid checkpoint (or ``trainer.resume=PATH``); else, with
+        ``trainer.init_from``, start from another run's weights; else start fresh."""
+        t = self.cfg.trainer
+        ckpt = self.storage.latest() if t.resume == "auto" else None if t.resume == "none" else Path(t.resume)
+        if ckpt is not None:
+            self.load(ckpt)
+        elif t.init_from:
+            self.init_from(Path(t.init_from))
+
+    def save(self, step: int) -> Path:
+        common = {name: part.state_dict() for name, part in self.parts.items()}
+        common.update(
+            config=OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
+            tokenizer_hash=tokenizer_hash(self.tokenizer_path),
+            tokenizer_json=self.tokenizer_path.read_text(),  # self-contained for export / generation
+            versions=_versions(),
+        )
+        per_rank = {name: part.state_dict() for name, part in self.rank_parts.items()}
+        return self.storage.save(step, self.engine.save, common=common, per_rank=per_rank)
+
+    def load(self, ckpt: Path) -> None:
+        common, per_rank = self.storage.load(ckpt)  # trainer.pt read once
+        self._check_fits(ckpt, common, finetune=False)
+        self.engine.load(ckpt)
+        for name, part in self.parts.items():
+            part.load_state_dict(common[name])
+        if per_rank is not None:
+            for name, part in self.rank_parts.items():
+                part.load_state_dict(per_rank[name])
+        if parallel.rank() == 0:
+            print(f"resumed from {ckpt} at step {common['trainer']['step']}")
+            if per_rank is None:
+                print("  world size changed: RNG streams restart from the seed (they only drive dropout)")
+
+    def init_from(self, ckpt: Path) -> None:
+        """Model weights only (trunk + the first min(n, n_ckpt) heads); step 0, fresh optimizer and data."""
+        common = self.storage.read_common(ckpt)
+        self._check_fits(ckpt, common, finetune=True)
+        n_old = from_yaml(common["config"]).mtp.n
+        self.engine.load_model_weights(ckpt, keep=lambda key: not _is_head_beyond(key, n_old))
+        if parallel.rank() == 0:
+            print(f"initialised from {ckpt}: trunk + heads 1..{min(n_old, self.cfg.mtp.n)} of its {n_old}")
+
+    def _check_fits(self, ckpt: Path, common: dict, finetune: bool) -> None:
+        if common["tokenizer_hash"] != tokenizer_hash(self.tokenizer_path):
+            raise CheckpointError(f"{ckpt} was trained with another tokenizer; point data.* at the same corpus")
+        saved = from_yaml(common["config"])
+        bad = finetune_mismatches(saved, self.cfg) if finetune else shape_mismatches(saved, self.cfg)
+        if bad:
+            hint = ""
+            if not finetune and saved.mtp.n != self.cfg.mtp.n:
+                hint = "; to start a run with another mtp.n from these weights use trainer.init_from=<checkpoint> in a new run_dir"
+            raise CheckpointError(f"{ckpt} does not fit this model: {'; '.join(bad)}{hint}")
