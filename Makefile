@@ -19,8 +19,10 @@ test: venv lint
 test-fast: venv lint
 	$(PY) -m pytest -q --durations=10 tests/unit $(PYTEST_ARGS)
 
+# ruff's linter and its formatter (the tree is formatted: `ruff format mtp_pretrain tools tests` fixes it).
 lint: venv
 	$(VENV)/bin/ruff check mtp_pretrain tools tests
+	$(VENV)/bin/ruff format --check mtp_pretrain tools tests
 
 # The benchmark suite: one table of ratios, bench/results.{json,png}, README section (< 15 min on 2 cores).
 bench: venv

@@ -55,11 +55,15 @@ def build_pipeline_chunks(
     stages = range(vpp) if vpp and vpp > 1 else [None]
     return [
         build_model(
-            model, mtp, vocab_size, config,
+            model,
+            mtp,
+            vocab_size,
+            config,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-            seed=seed, vp_stage=vp,
-        )  # fmt: skip
+            seed=seed,
+            vp_stage=vp,
+        )
         for vp in stages
     ]
 
@@ -71,4 +75,6 @@ def build_engine(cfg: Config, chunks: list[torch.nn.Module], tconfig: Transforme
         from mtp_pretrain.engine.deepspeed import DeepSpeedEngine
 
         return DeepSpeedEngine(chunks[0], cfg.optim, t.steps, p, t.micro_batch_size, t.grad_accum, t.bf16)
-    return MegatronEngine(chunks, tconfig, cfg.optim, t.steps, bf16=t.bf16, overlap_grad_reduce=p.overlap_grad_reduce)
+    return MegatronEngine(
+        chunks, tconfig, cfg.optim, t.steps, bf16=t.bf16, overlap_grad_reduce=p.overlap_grad_reduce
+    )

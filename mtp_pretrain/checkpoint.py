@@ -63,7 +63,9 @@ def verify(ckpt: Path) -> dict:
     """Metadata of a complete checkpoint, or CheckpointError saying what is wrong with it."""
     meta_path = ckpt / "mtp_checkpoint.json"
     if not meta_path.is_file():
-        raise CheckpointError(f"{ckpt}: no mtp_checkpoint.json — a partial or foreign checkpoint; it is not loaded")
+        raise CheckpointError(
+            f"{ckpt}: no mtp_checkpoint.json — a partial or foreign checkpoint; it is not loaded"
+        )
     try:
         meta = json.loads(meta_path.read_text())
     except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
@@ -117,7 +119,9 @@ class Checkpointer:
         barrier()
         return final
 
-    def _write(self, final: Path, write: Callable[[Path], None], common: dict[str, Any], per_rank: dict[str, Any]) -> Path:
+    def _write(
+        self, final: Path, write: Callable[[Path], None], common: dict[str, Any], per_rank: dict[str, Any]
+    ) -> Path:
         tmp = self.root / f"{_TMP_PREFIX}{final.name}"
         if rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -138,7 +142,12 @@ class Checkpointer:
 
     def _commit(self, tmp: Path, final: Path, step: int) -> None:
         """Rank 0: the manifest of what was written, then the directory renamed into place (atomic)."""
-        meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": world_size(), "files": _describe_files(tmp)}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "world_size": world_size(),
+            "files": _describe_files(tmp),
+        }
         _atomic_write_text(tmp / "mtp_checkpoint.json", json.dumps(meta, indent=1))
         if final.exists():
             shutil.rmtree(final)

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from mtp_pretrain import parallel
 from mtp_pretrain.checkpoint import Checkpointer, CheckpointError
-from mtp_pretrain.config import Config, finetune_mismatches, from_yaml, shape_mismatches
+from mtp_pretrain.config import Config, ffn_hidden_size, from_yaml
 from mtp_pretrain.data.loader import BatchLoader
 from mtp_pretrain.data.tokenizer import tokenizer_hash
 from mtp_pretrain.engine.base import Engine
@@ -62,7 +62,9 @@ class DataPosition:
         return {"dp_size": self.dp_size, "num_workers": self.num_workers, "loaders": dict(every)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        same = state["dp_size"] == self.dp_size and max(state["num_workers"], 1) == self.loader.readers_per_rank
+        same = (
+            state["dp_size"] == self.dp_size and max(state["num_workers"], 1) == self.loader.readers_per_rank
+        )
         if same:
             self.loader.load_state_dict(state["loaders"][self.dp_rank])
             return
@@ -85,6 +87,48 @@ def _is_head_beyond(key: str, n: int) -> bool:
     return match is not None and int(match[1]) >= n
 
 
+# What a checkpoint's tensors depend on: a run that differs in one of these cannot load its weights.
+_SHAPE_KEYS = (
+    "model.num_layers",
+    "model.hidden_size",
+    "model.num_attention_heads",
+    "model.num_query_groups",
+    "model.ffn_hidden_size",
+    "model.tie_embeddings",
+    "mtp.n",
+)
+
+
+def _get(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    if key == "model.ffn_hidden_size":
+        return ffn_hidden_size(cfg.model)
+    return getattr(getattr(cfg, section), name)
+
+
+def shape_mismatches(saved: Config, cfg: Config, keys: tuple[str, ...] = _SHAPE_KEYS) -> list[str]:
+    """``key: checkpoint X, this run Y`` for every weight-shape setting that differs."""
+    return [
+        f"{k}: checkpoint {_get(saved, k)}, this run {_get(cfg, k)}"
+        for k in keys
+        if _get(saved, k) != _get(cfg, k)
+    ]
+
+
+def finetune_mismatches(saved: Config, cfg: Config) -> list[str]:
+    """As :func:`shape_mismatches` for starting a run from a checkpoint with another ``mtp.n``: the trunk
+    (``model.num_layers - mtp.n`` blocks) and widths must match, the number of heads may differ."""
+    keys = tuple(k for k in _SHAPE_KEYS if k not in ("model.num_layers", "mtp.n"))
+    out = shape_mismatches(saved, cfg, keys)
+    old, new = saved.model.num_layers - saved.mtp.n, cfg.model.num_layers - cfg.mtp.n
+    if old != new:
+        out.append(
+            f"trunk blocks (model.num_layers - mtp.n): checkpoint {old}, this run {new}; "
+            f"set model.num_layers={old + cfg.mtp.n}"
+        )
+    return out
+
+
 class CheckpointManager:
     """Saves and restores the engine's sharded state and the named ``parts`` / ``rank_parts``."""
 
@@ -99,7 +143,9 @@ class CheckpointManager:
         self.cfg, self.engine, self.tokenizer_path = cfg, engine, Path(tokenizer_path)
         self.parts = {"engine": engine, **parts}
         self.rank_parts = rank_parts
-        self.storage = Checkpointer(Path(cfg.trainer.run_dir) / "checkpoints", keep_last=cfg.trainer.keep_last)
+        self.storage = Checkpointer(
+            Path(cfg.trainer.run_dir) / "checkpoints", keep_last=cfg.trainer.keep_last
+        )
 
     def restore(self) -> None:
         """Continue this run from its newest valid checkpoint (or ``trainer.resume=PATH``); else, with
@@ -147,7 +193,9 @@ class CheckpointManager:
 
     def _check_fits(self, ckpt: Path, common: dict, finetune: bool) -> None:
         if common["tokenizer_hash"] != tokenizer_hash(self.tokenizer_path):
-            raise CheckpointError(f"{ckpt} was trained with another tokenizer; point data.* at the same corpus")
+            raise CheckpointError(
+                f"{ckpt} was trained with another tokenizer; point data.* at the same corpus"
+            )
         saved = from_yaml(common["config"])
         bad = finetune_mismatches(saved, self.cfg) if finetune else shape_mismatches(saved, self.cfg)
         if bad:

@@ -86,26 +86,39 @@ def make_shards(argv: list[str] | None = None) -> None:
     p.add_argument("sources", nargs="+", help="directories, .txt, .jsonl or .jsonl.gz files")
     p.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
     p.add_argument("--prefix", default="shard")
-    p.add_argument("--shard-size-mb", type=float, default=256, help="target shard size (a new shard starts above it)")
+    p.add_argument(
+        "--shard-size-mb", type=float, default=256, help="target shard size (a new shard starts above it)"
+    )
     p.add_argument("--docs-per-shard", type=int, default=10**9, help="at most this many documents per shard")
     p.add_argument("--suffixes", default=".py,.txt,.md", help="file suffixes taken from directories")
     p.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl inputs")
     p.add_argument("--tokenizer", help="tokenizer.json: store pre-tokenized token arrays instead of text")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (with --tokenizer)")
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (with --tokenizer)"
+    )
     a = p.parse_args(argv)
     try:
-        docs = iter_source_documents(a.sources, suffixes=tuple(a.suffixes.split(",")), jsonl_text_field=a.text_field)
+        docs = iter_source_documents(
+            a.sources, suffixes=tuple(a.suffixes.split(",")), jsonl_text_field=a.text_field
+        )
         shards = write_shards(
-            docs, a.out, prefix=a.prefix, max_docs_per_shard=a.docs_per_shard,
-            max_bytes_per_shard=int(a.shard_size_mb * 2**20), tokenizer_path=a.tokenizer, workers=a.workers,
+            docs,
+            a.out,
+            prefix=a.prefix,
+            max_docs_per_shard=a.docs_per_shard,
+            max_bytes_per_shard=int(a.shard_size_mb * 2**20),
+            tokenizer_path=a.tokenizer,
+            workers=a.workers,
             progress=True,
-        )  # fmt: skip
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"mtp-make-shards: error: {e}", file=sys.stderr)
         sys.exit(2)
     manifest = json.loads((Path(a.out) / MANIFEST).read_text())
     tokens = f", {manifest['num_tokens']} tokens" if manifest["num_tokens"] is not None else ""
-    print(f"wrote {len(shards)} shard(s), {manifest['num_samples']} documents{tokens} to {a.out} (+ {MANIFEST})")
+    print(
+        f"wrote {len(shards)} shard(s), {manifest['num_samples']} documents{tokens} to {a.out} (+ {MANIFEST})"
+    )
 
 
 def train_tokenizer(argv: list[str] | None = None) -> None:
@@ -121,15 +134,15 @@ def train_tokenizer(argv: list[str] | None = None) -> None:
     p.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl inputs")
     a = p.parse_args(argv)
     try:
-        docs = iter_source_documents(a.sources, suffixes=tuple(a.suffixes.split(",")), jsonl_text_field=a.text_field)
+        docs = iter_source_documents(
+            a.sources, suffixes=tuple(a.suffixes.split(",")), jsonl_text_field=a.text_field
+        )
         texts = (d["text"] for d in docs)
         tok = train_bpe(texts, a.vocab_size, a.out)
     except (ValueError, FileNotFoundError) as e:
         print(f"mtp-train-tokenizer: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {a.out} (vocab {tok.get_vocab_size()})")
-
-
 
 
 def export(argv: list[str] | None = None) -> None:
@@ -151,10 +164,14 @@ def export(argv: list[str] | None = None) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a run dir (its newest checkpoint), a step_XXXXXXXX checkpoint or an mtp-export dir")
+    p.add_argument(
+        "model", help="a run dir (its newest checkpoint), a step_XXXXXXXX checkpoint or an mtp-export dir"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--tokenizer", help="tokenizer.json to check against the model's (default: the model's own)")
+    p.add_argument(
+        "--tokenizer", help="tokenizer.json to check against the model's (default: the model's own)"
+    )
 
 
 def _load(a: argparse.Namespace, prog: str):  # noqa: ANN202
@@ -185,16 +202,22 @@ def generate(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="mtp-generate", description=generate.__doc__)
     _model_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
-    p.add_argument("--prompt-file", action="append", default=[], help="a file whose text is one prompt (repeatable)")
+    p.add_argument(
+        "--prompt-file", action="append", default=[], help="a file whose text is one prompt (repeatable)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-speculative", action="store_true", help="plain greedy: one forward pass per token")
-    p.add_argument("--min-tokens-per-forward", type=float, default=MIN_TOKENS_PER_FORWARD,
-                   help=f"stop drafting after {PROBE_FORWARDS} forwards that gained fewer tokens per forward "
-                        "(0: always draft)")  # fmt: skip
+    p.add_argument(
+        "--min-tokens-per-forward",
+        type=float,
+        default=MIN_TOKENS_PER_FORWARD,
+        help=f"stop drafting after {PROBE_FORWARDS} forwards that gained fewer tokens per forward "
+        "(0: always draft)",
+    )
     p.add_argument("--stats-json", help="write the decoding statistics here")
     a = p.parse_args(argv)
     prompts = list(a.prompt) + [Path(f).read_text() for f in a.prompt_file]
@@ -227,7 +250,11 @@ def generate(argv: list[str] | None = None) -> None:
         f"[{'self-speculative' if stats.speculative else 'plain'}] {stats.new_tokens} tokens, {len(prompts)} prompt(s), "
         f"{stats.tokens_per_second:.1f} tok/s, {stats.tokens_per_forward:.2f} tokens/forward"
         + (f", acceptance {acc}" if acc else "")
-        + (f"; drafting stopped after forward {stats.drafting_stopped_at} (it did not pay)" if stats.drafting_stopped_at else ""),
+        + (
+            f"; drafting stopped after forward {stats.drafting_stopped_at} (it did not pay)"
+            if stats.drafting_stopped_at
+            else ""
+        ),
         file=sys.stderr,
     )
     if a.stats_json:
@@ -240,12 +267,18 @@ def evaluate(argv: list[str] | None = None) -> None:
     _quiet_libraries()
     p = argparse.ArgumentParser(prog="mtp-eval", description=evaluate.__doc__)
     _model_args(p)
-    p.add_argument("--data", nargs="*", help="held-out shards/dirs/patterns (default: the run's validation set)")
-    p.add_argument("--mask-doc-boundaries", action="store_true", help="with --data: mask targets across documents")
+    p.add_argument(
+        "--data", nargs="*", help="held-out shards/dirs/patterns (default: the run's validation set)"
+    )
+    p.add_argument(
+        "--mask-doc-boundaries", action="store_true", help="with --data: mask targets across documents"
+    )
     p.add_argument("--text-field", default="text")
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--prompts", type=int, default=8, help="held-out prompts for the acceptance statistics (0: skip)")
+    p.add_argument(
+        "--prompts", type=int, default=8, help="held-out prompts for the acceptance statistics (0: skip)"
+    )
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--json", help="write the results here (default: print them)")
@@ -278,8 +311,10 @@ def evaluate(argv: list[str] | None = None) -> None:
     if "decoding" in result and result["decoding"]:
         d = result["decoding"]
         acc = " ".join(f"{k} {v:.2f}" for k, v in d["acceptance_per_head"].items())
-        print(f"self-speculative: {d['tokens_per_forward']:.2f} tokens/forward, acceptance {acc or '-'}, "
-              f"identical to greedy: {d['identical_to_greedy']}")  # fmt: skip
+        print(
+            f"self-speculative: {d['tokens_per_forward']:.2f} tokens/forward, acceptance {acc or '-'}, "
+            f"identical to greedy: {d['identical_to_greedy']}"
+        )
     text = json.dumps(result, indent=2)
     if a.json:
         Path(a.json).write_text(text)
@@ -317,8 +352,8 @@ def submit(argv: list[str] | None = None) -> None:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from mtp_pretrain.config import SubmitConfig, compose, compose_train_config
-    from mtp_pretrain.slurm import SubmitError, sbatch_script, split_overrides
+    from mtp_pretrain.config import compose, compose_train_config
+    from mtp_pretrain.slurm import SubmitConfig, SubmitError, sbatch_script, split_overrides
     from mtp_pretrain.slurm import submit as sbatch_submit
 
     p = argparse.ArgumentParser(prog="mtp-submit", description=submit.__doc__)

@@ -80,7 +80,12 @@ class _CudaToCpuMode(TorchFunctionMode):
             kwargs["device"] = "cpu"
         if kwargs.get("pin_memory"):
             kwargs["pin_memory"] = False
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]) and not isinstance(args[1], int):
+        if (
+            func is torch.Tensor.to
+            and len(args) > 1
+            and _is_cuda_device(args[1])
+            and not isinstance(args[1], int)
+        ):
             args = (args[0], "cpu", *args[2:])  # .to("cuda") / .to(torch.device("cuda")); .to(int) is rare
         return func(*args, **kwargs)
 

@@ -20,10 +20,14 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from mtp_pretrain.slurm import (  # mtp-submit's schema: slurm.py imports nothing of ours
+    SlurmConfig,
+    SubmitConfig,
+)
+
 # The presets live in conf/ at the repo root; mtp_pretrain/conf links there so that the wheel carries them
 # as package data (pyproject.toml): one path serves a checkout (editable install) and an installed wheel.
 CONF_DIR = str((Path(__file__).resolve().parent / "conf").resolve())
-
 
 
 class ConfigError(ValueError):
@@ -68,7 +72,9 @@ class MTPConfig:
 class DatasetConfig:
     """One dataset of a training mix: pre-built shards (see mtp-make-shards)."""
 
-    urls: list[str] = MISSING  # files, directories, brace patterns (shard-{000000..000099}.tar), pipe: commands
+    urls: list[str] = (
+        MISSING  # files, directories, brace patterns (shard-{000000..000099}.tar), pipe: commands
+    )
     weight: float = 1.0  # share of the training samples (normalised over the mix)
     name: str = "data"
 
@@ -107,7 +113,9 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
-    engine: str = "megatron"  # megatron (DDP + DistributedOptimizer, any TP x PP x DP) | deepspeed (ZeRO, PP=1)
+    engine: str = (
+        "megatron"  # megatron (DDP + DistributedOptimizer, any TP x PP x DP) | deepspeed (ZeRO, PP=1)
+    )
     tp: int = 1  # tensor parallel: splits attention heads, FFN and the vocabulary
     pp: int = 1  # pipeline stages: stage 0 holds the embedding, the last one the n heads
     vpp: int | None = None  # virtual stages (model chunks) per pipeline rank: interleaved 1F1B when > 1
@@ -166,36 +174,6 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-
-
-@dataclass
-class SlurmConfig:
-    nodes: int = 1
-    procs_per_node: int = 1  # training processes per node (= GPUs per node on GPU clusters)
-    gpus_per_node: int = 0  # --gpus-per-node; 0 on CPU clusters
-    cpus_per_task: int = 2  # one task (torchrun) per node: CPUs for all its processes
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time: str = "01:00:00"
-    job_name: str = "mtp-pretrain"
-    port: int = 29500  # rendezvous port on the first node
-    signal_seconds: int = 120  # USR1 this long before the time limit: save and requeue
-    max_requeues: int = 3
-    # run before training (modules, venv, NCCL env, ...); on the command line, quote shell text for Hydra:
-    # "slurm.setup='source .venv/bin/activate; export NCCL_IB_DISABLE=0'"
-    setup: str = "source .venv/bin/activate"
-    extra_sbatch: list[str] = field(default_factory=list)  # more "#SBATCH" lines, e.g. ["--exclusive"]
-    # torchrun advertises its host name to the other nodes; where that name does not resolve to a reachable
-    # address (containers, network namespaces), advertise the node's first IP instead (--local-addr)
-    local_addr_from_ip: bool = False
-
-
-@dataclass
-class SubmitConfig:
-    """The root of conf/submit.yaml: what mtp-submit asks SLURM for (the job's training config is apart)."""
-
-    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 def register_configs() -> None:
@@ -285,20 +263,33 @@ def validate(cfg: Config) -> None:
     _require(t.val_batches >= 1 or t.val_every == 0, "trainer.val_batches must be >= 1 when validating")
     _require(t.nonfinite in ("skip", "abort"), f"trainer.nonfinite={t.nonfinite!r}: use skip or abort")
     _require(t.keep_last >= 1, f"trainer.keep_last={t.keep_last} must be >= 1 (the latest is always kept)")
-    _require(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"optim.lr={o.lr} / optim.min_lr={o.min_lr}: need 0 <= min_lr <= lr, lr > 0")
+    _require(
+        o.lr > 0 and 0 <= o.min_lr <= o.lr,
+        f"optim.lr={o.lr} / optim.min_lr={o.min_lr}: need 0 <= min_lr <= lr, lr > 0",
+    )
     _require(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
     _require(
         cfg.logging.wandb_mode in ("offline", "online", "disabled"),
         f"logging.wandb_mode={cfg.logging.wandb_mode!r}: use offline, online or disabled",
     )
     p = cfg.parallel
-    _require(p.engine in ("megatron", "deepspeed"), f"parallel.engine={p.engine!r}: use megatron or deepspeed")
+    _require(
+        p.engine in ("megatron", "deepspeed"), f"parallel.engine={p.engine!r}: use megatron or deepspeed"
+    )
     if p.engine == "deepspeed":
-        _require(p.pp == 1 and not p.vpp, f"parallel.engine=deepspeed runs PP=1 (got parallel.pp={p.pp}); "
-                 "use parallel.engine=megatron for pipeline parallelism")  # fmt: skip
+        _require(
+            p.pp == 1 and not p.vpp,
+            f"parallel.engine=deepspeed runs PP=1 (got parallel.pp={p.pp}); "
+            "use parallel.engine=megatron for pipeline parallelism",
+        )
         _require(0 <= p.zero_stage <= 3, f"parallel.zero_stage={p.zero_stage}: use 0, 1, 2 or 3")
-        _require(not p.offload_params or p.zero_stage == 3, "parallel.offload_params needs parallel.zero_stage=3")
-        _require(not p.offload_optimizer or p.zero_stage >= 1, "parallel.offload_optimizer needs parallel.zero_stage >= 1")
+        _require(
+            not p.offload_params or p.zero_stage == 3, "parallel.offload_params needs parallel.zero_stage=3"
+        )
+        _require(
+            not p.offload_optimizer or p.zero_stage >= 1,
+            "parallel.offload_optimizer needs parallel.zero_stage >= 1",
+        )
         _require(
             not t.init_from,
             "trainer.init_from with parallel.engine=deepspeed: start the finetune with parallel.engine=megatron "
@@ -331,7 +322,8 @@ def validate(cfg: Config) -> None:
     _require(all(x >= 1 for x in uneven), "parallel.first_stage_layers / last_stage_layers must be >= 1")
     middle_stages, middle_layers = p.pp - len(uneven), trunk - sum(uneven)
     _require(
-        middle_layers >= 0 and (middle_layers == 0 if middle_stages == 0 else middle_layers % middle_stages == 0),
+        middle_layers >= 0
+        and (middle_layers == 0 if middle_stages == 0 else middle_layers % middle_stages == 0),
         f"the trunk's {trunk} layers (model.num_layers - mtp.n) do not split over parallel.pp={p.pp} stages"
         + (f" with first/last stage layers {p.first_stage_layers}/{p.last_stage_layers}" if uneven else "")
         + "; change model.num_layers, mtp.n, parallel.pp or the per-stage layer counts",
@@ -360,7 +352,9 @@ def _validate_data(d: DataConfig, t: TrainerConfig) -> None:
             "data.datasets needs data.tokenizer: the tokenizer.json the shards were made with",
         )
         for i, ds in enumerate(d.datasets):
-            _require(bool(ds.urls), f"data.datasets[{i}].urls is empty: give shard files, a directory or a pattern")
+            _require(
+                bool(ds.urls), f"data.datasets[{i}].urls is empty: give shard files, a directory or a pattern"
+            )
             _require(ds.weight > 0, f"data.datasets[{i}].weight={ds.weight} must be > 0")
         _require(
             bool(d.val_urls) or t.val_every == 0,
@@ -370,39 +364,6 @@ def _validate_data(d: DataConfig, t: TrainerConfig) -> None:
     _require(d.val_shards >= 1, "data.val_shards must be >= 1 (validation needs held-out shards)")
     _require(d.vocab_size >= 256 + 2, "data.vocab_size must be >= 258 (byte alphabet + EOS + PAD)")
     _require(d.docs_per_shard >= 1, f"data.docs_per_shard={d.docs_per_shard} must be >= 1")
-
-
-# What a checkpoint's tensors depend on: a run that differs in one of these cannot load its weights.
-_SHAPE_KEYS = (
-    "model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.num_query_groups",
-    "model.ffn_hidden_size", "model.tie_embeddings", "mtp.n",
-)  # fmt: skip
-
-
-def _get(cfg: Config, key: str) -> Any:
-    section, name = key.split(".")
-    if key == "model.ffn_hidden_size":
-        return ffn_hidden_size(cfg.model)
-    return getattr(getattr(cfg, section), name)
-
-
-def shape_mismatches(saved: Config, cfg: Config, keys: tuple[str, ...] = _SHAPE_KEYS) -> list[str]:
-    """``key: checkpoint X, this run Y`` for every weight-shape setting that differs."""
-    return [f"{k}: checkpoint {_get(saved, k)}, this run {_get(cfg, k)}" for k in keys if _get(saved, k) != _get(cfg, k)]
-
-
-def finetune_mismatches(saved: Config, cfg: Config) -> list[str]:
-    """As :func:`shape_mismatches` for starting a run from a checkpoint with another ``mtp.n``: the trunk
-    (``model.num_layers - mtp.n`` blocks) and widths must match, the number of heads may differ."""
-    keys = tuple(k for k in _SHAPE_KEYS if k not in ("model.num_layers", "mtp.n"))
-    out = shape_mismatches(saved, cfg, keys)
-    old, new = saved.model.num_layers - saved.mtp.n, cfg.model.num_layers - cfg.mtp.n
-    if old != new:
-        out.append(
-            f"trunk blocks (model.num_layers - mtp.n): checkpoint {old}, this run {new}; "
-            f"set model.num_layers={old + cfg.mtp.n}"
-        )
-    return out
 
 
 def from_yaml(text: str) -> Config:

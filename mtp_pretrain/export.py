@@ -74,10 +74,15 @@ def _layer(get, prefix: str, cfg: Config) -> dict[str, torch.Tensor]:
     q, k, v = qkv.split([heads // groups * head_dim, head_dim, head_dim], dim=1)
     gate, up = get(f"{prefix}mlp.linear_fc1.weight").chunk(2, dim=0)
     out = {llama: get(prefix + ours) for ours, llama in LAYER_KEYS.items()}
-    out.update({
-        "self_attn.q_proj.weight": q.reshape(heads * head_dim, -1), "self_attn.k_proj.weight": k.reshape(groups * head_dim, -1),
-        "self_attn.v_proj.weight": v.reshape(groups * head_dim, -1), "mlp.gate_proj.weight": gate, "mlp.up_proj.weight": up,
-    })  # fmt: skip
+    out.update(
+        {
+            "self_attn.q_proj.weight": q.reshape(heads * head_dim, -1),
+            "self_attn.k_proj.weight": k.reshape(groups * head_dim, -1),
+            "self_attn.v_proj.weight": v.reshape(groups * head_dim, -1),
+            "mlp.gate_proj.weight": gate,
+            "mlp.up_proj.weight": up,
+        }
+    )
     return {name: t.contiguous().clone() for name, t in out.items()}
 
 
@@ -129,8 +134,16 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
         save_file(extra, str(out / MTP_FILE), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "tokenizer.json").write_text(tokenizer_json)
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>",
-        "pad_token": "<|pad|>", "model_max_length": config["max_position_embeddings"],
-    }, indent=2))  # fmt: skip
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|endoftext|>",
+                "bos_token": "<|endoftext|>",
+                "pad_token": "<|pad|>",
+                "model_max_length": config["max_position_embeddings"],
+            },
+            indent=2,
+        )
+    )
     return out

@@ -30,7 +30,9 @@ from mtp_pretrain.model.vocab import mask_vocab_padding, vocab_parallel_argmax
 from mtp_pretrain.targets import HeadStats, HeadTargets
 
 
-def _chunk_ce(logits: Tensor, target: Tensor, valid: Tensor, vocab_limit: int | None = None) -> tuple[Tensor, Tensor]:
+def _chunk_ce(
+    logits: Tensor, target: Tensor, valid: Tensor, vocab_limit: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Summed CE over valid positions (differentiable) and the number of correct top-1 predictions."""
     # CE in fp32 under bf16 training, as megatron does (fp16_lm_cross_entropy=False)
     logits = mask_vocab_padding(logits.float(), vocab_limit)
@@ -101,8 +103,13 @@ class MTPLoss:
 
 
 def _loss_and_stats(  # MTPLoss.__call__'s body: the autograd Function inside returns tensors only
-    settings: MTPLoss, h: Tensor, heads: MTPHeads, unembed: Callable[[Tensor], Tensor],
-    unembed_weight: torch.nn.Parameter, targets: HeadTargets, rotary_pos_emb: Tensor | None,
+    settings: MTPLoss,
+    h: Tensor,
+    heads: MTPHeads,
+    unembed: Callable[[Tensor], Tensor],
+    unembed_weight: torch.nn.Parameter,
+    targets: HeadTargets,
+    rotary_pos_emb: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """(loss, [n, 3] per-head stats as :meth:`HeadStats.packed` lays them out)."""
     weights, chunk_size, vocab_limit = settings.weights, settings.chunk_size, settings.vocab_limit

@@ -21,12 +21,41 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
-
-from mtp_pretrain.config import SlurmConfig
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL_ADDR = ' --local-addr=$(hostname -I | cut -d" " -f1)'
+
+
+@dataclass
+class SlurmConfig:
+    nodes: int = 1
+    procs_per_node: int = 1  # training processes per node (= GPUs per node on GPU clusters)
+    gpus_per_node: int = 0  # --gpus-per-node; 0 on CPU clusters
+    cpus_per_task: int = 2  # one task (torchrun) per node: CPUs for all its processes
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "01:00:00"
+    job_name: str = "mtp-pretrain"
+    port: int = 29500  # rendezvous port on the first node
+    signal_seconds: int = 120  # USR1 this long before the time limit: save and requeue
+    max_requeues: int = 3
+    # run before training (modules, venv, NCCL env, ...); on the command line, quote shell text for Hydra:
+    # "slurm.setup='source .venv/bin/activate; export NCCL_IB_DISABLE=0'"
+    setup: str = "source .venv/bin/activate"
+    extra_sbatch: list[str] = field(default_factory=list)  # more "#SBATCH" lines, e.g. ["--exclusive"]
+    # torchrun advertises its host name to the other nodes; where that name does not resolve to a reachable
+    # address (containers, network namespaces), advertise the node's first IP instead (--local-addr)
+    local_addr_from_ip: bool = False
+
+
+@dataclass
+class SubmitConfig:
+    """The root of conf/submit.yaml: what mtp-submit asks SLURM for (the job's training config is apart)."""
+
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
@@ -59,10 +88,18 @@ def sbatch_script(s: SlurmConfig, run_dir: Path, overrides: list[str], stop_file
     """The batch script for these Hydra ``overrides`` (run_dir is absolute; logs go to run_dir/slurm/)."""
     if s.nodes < 1 or s.procs_per_node < 1:
         raise SubmitError(f"slurm.nodes={s.nodes} and slurm.procs_per_node={s.procs_per_node} must be >= 1")
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={s.job_name}", f"#SBATCH --nodes={s.nodes}", "#SBATCH --ntasks-per-node=1",
-             f"#SBATCH --cpus-per-task={s.cpus_per_task}", f"#SBATCH --time={s.time}",
-             f"#SBATCH --output={run_dir}/slurm/%x-%j.out", "#SBATCH --open-mode=append",
-             f"#SBATCH --signal=B:USR1@{s.signal_seconds}", "#SBATCH --requeue"]  # fmt: skip
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={s.job_name}",
+        f"#SBATCH --nodes={s.nodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --cpus-per-task={s.cpus_per_task}",
+        f"#SBATCH --time={s.time}",
+        f"#SBATCH --output={run_dir}/slurm/%x-%j.out",
+        "#SBATCH --open-mode=append",
+        f"#SBATCH --signal=B:USR1@{s.signal_seconds}",
+        "#SBATCH --requeue",
+    ]
     for key in ("partition", "account", "qos"):
         if getattr(s, key):
             lines.append(f"#SBATCH --{key}={getattr(s, key)}")
@@ -86,13 +123,16 @@ def sbatch_script(s: SlurmConfig, run_dir: Path, overrides: list[str], stop_file
         "trap preempted USR1",
         "export MASTER_ADDR",
         # one torchrun per node; bash -c so that per-node values expand on that node
-        "srun --kill-on-bad-exit=1 bash -c " + shlex.quote(
+        "srun --kill-on-bad-exit=1 bash -c "
+        + shlex.quote(
             f"exec python -m torch.distributed.run --nnodes=$SLURM_NNODES --nproc-per-node={s.procs_per_node} "
             f"--rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:{s.port} --rdzv-id=$SLURM_JOB_ID "
             # the first node hosts the rendezvous store: said outright, not guessed from host names
             '--rdzv-conf=is_host=$([ "$SLURM_NODEID" = 0 ] && echo true || echo false)'
-            + (LOCAL_ADDR if s.local_addr_from_ip else "") + f" -m mtp_pretrain.cli {args}"
-        ) + " &",
+            + (LOCAL_ADDR if s.local_addr_from_ip else "")
+            + f" -m mtp_pretrain.cli {args}"
+        )
+        + " &",
         "PID=$!",
         'while true; do wait "$PID"; RC=$?; kill -0 "$PID" 2>/dev/null || break; done  # a trap interrupts wait',
         # the trainer removes the stop file once its checkpoint is written (torchrun reports the workers'
@@ -114,7 +154,9 @@ def submit(script: str, run_dir: Path, dry_run: bool = False) -> str:
     if dry_run:
         return str(path)
     if shutil.which("sbatch") is None:
-        raise SubmitError("sbatch not found: run mtp-submit on a SLURM login node (or --dry-run to only write the script)")
+        raise SubmitError(
+            "sbatch not found: run mtp-submit on a SLURM login node (or --dry-run to only write the script)"
+        )
     proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         raise SubmitError(f"sbatch refused the job: {proc.stderr.strip() or proc.stdout.strip()}")

@@ -29,7 +29,9 @@ class HeadTargets:
         return self.tokens[:, sl].t().contiguous(), valid.t().contiguous()
 
 
-def target_mask(tokens: torch.Tensor, eos: int, pad: int, mask_doc_boundaries: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def target_mask(
+    tokens: torch.Tensor, eos: int, pad: int, mask_doc_boundaries: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(valid, segments)`` for packed ``tokens`` [B, L]: ``valid`` is False on padding; ``segments`` numbers
     the documents of each row (a document's EOS belongs to it) when ``mask_doc_boundaries``, else zeros.
 

@@ -62,28 +62,53 @@ class Trainer:
         self.vocab_size, self.eos, self.pad = tok.get_vocab_size(), eos_id(tok), pad_id(tok)
         torch.manual_seed(t.seed)  # torch's own streams (dropout); weights come from init_parameters(seed)
         tconfig = transformer_config(
-            cfg.model, cfg.mtp, p.tp, p.pp, bf16=t.bf16, recompute=t.recompute,
-            stage_layers=(p.first_stage_layers, p.last_stage_layers), vpp=p.vpp,
-        )  # fmt: skip
-        self.engine = build_engine(cfg, build_pipeline_chunks(cfg.model, cfg.mtp, self.vocab_size, tconfig, t.seed), tconfig)
+            cfg.model,
+            cfg.mtp,
+            p.tp,
+            p.pp,
+            bf16=t.bf16,
+            recompute=t.recompute,
+            stage_layers=(p.first_stage_layers, p.last_stage_layers),
+            vpp=p.vpp,
+        )
+        self.engine = build_engine(
+            cfg, build_pipeline_chunks(cfg.model, cfg.mtp, self.vocab_size, tconfig, t.seed), tconfig
+        )
         dp_rank, dp = parallel_state.get_data_parallel_rank(), self.layout.dp
         self.train_data = BatchLoader(
-            sources.train, self.tokenizer_path, t.micro_batch_size, cfg.model.seq_len + cfg.mtp.n, seed=t.seed,
-            dp_rank=dp_rank, dp_size=dp, num_workers=cfg.data.num_workers, on_error=cfg.data.on_error,
+            sources.train,
+            self.tokenizer_path,
+            t.micro_batch_size,
+            cfg.model.seq_len + cfg.mtp.n,
+            seed=t.seed,
+            dp_rank=dp_rank,
+            dp_size=dp,
+            num_workers=cfg.data.num_workers,
+            on_error=cfg.data.on_error,
             text_field=cfg.data.text_field,
-        )  # fmt: skip
-        self.validator = Validator(cfg, self.engine, sources.val, self.tokenizer_path, self.eos, self.pad, dp_rank, dp)
+        )
+        self.validator = Validator(
+            cfg, self.engine, sources.val, self.tokenizer_path, self.eos, self.pad, dp_rank, dp
+        )
         self.state = TrainState()
         self.checkpoints = CheckpointManager(
-            cfg, self.engine, {"trainer": self.state, "data": DataPosition(self.train_data, dp_rank, dp, cfg.data.num_workers)},
-            {"rng": RNGState()}, self.tokenizer_path,
-        )  # fmt: skip
+            cfg,
+            self.engine,
+            {"trainer": self.state, "data": DataPosition(self.train_data, dp_rank, dp, cfg.data.num_workers)},
+            {"rng": RNGState()},
+            self.tokenizer_path,
+        )
         self.checkpoints.restore()
         self.step_metrics = StepMetrics(cfg, self.layout, self.vocab_size, self.train_data)
         self.metrics = MetricsLogger(
-            cfg.logging, self.run_dir, total_steps=t.steps, start_step=self.step, enabled=parallel.is_logging_rank(),
-            config_dict=dataclasses.asdict(cfg), n_heads=cfg.mtp.n,
-        )  # fmt: skip
+            cfg.logging,
+            self.run_dir,
+            total_steps=t.steps,
+            start_step=self.step,
+            enabled=parallel.is_logging_rank(),
+            config_dict=dataclasses.asdict(cfg),
+            n_heads=cfg.mtp.n,
+        )
 
     @property
     def step(self) -> int:
@@ -96,7 +121,9 @@ class Trainer:
         return self.checkpoints.save(self.step)
 
     def _micro_batches(self, stream: Iterator[torch.Tensor], count: int) -> Iterator[Batch]:
-        return with_targets(itertools.islice(stream, count), self.eos, self.pad, self.cfg.data.mask_doc_boundaries)
+        return with_targets(
+            itertools.islice(stream, count), self.eos, self.pad, self.cfg.data.mask_doc_boundaries
+        )
 
     def fit(self) -> TrainResult:
         """Train to trainer.steps (or until asked to stop), validating and saving on the way."""
@@ -114,7 +141,9 @@ class Trainer:
         while self.step < t.steps:
             start = time.perf_counter()
             batches = self._micro_batches(self.train_data, t.grad_accum)
-            result = self.engine.train_step(batches, t.grad_accum, cfg.model.seq_len, t.micro_batch_size, stop.requested)
+            result = self.engine.train_step(
+                batches, t.grad_accum, cfg.model.seq_len, t.micro_batch_size, stop.requested
+            )
             self.state.step += 1
             self.state.consumed_tokens += self.step_metrics.tokens_per_step
             in_a_row = in_a_row + 1 if result.nonfinite else 0
@@ -135,12 +164,16 @@ class Trainer:
                 ckpt = self.save()
                 stop.acknowledge()
                 if parallel.rank() == 0:
-                    print(f"stopping at step {self.step} ({stop.reason}): saved {ckpt}; resume continues from it")
+                    print(
+                        f"stopping at step {self.step} ({stop.reason}): saved {ckpt}; resume continues from it"
+                    )
                 break
             if (t.save_every and self.step % t.save_every == 0) or self.step == t.steps:
                 ckpt = self.save()
         paths = self.metrics.finish()
-        return TrainResult(self.step, losses, head_losses, val, self.run_dir, ckpt, paths, stop.reason, nonfinite)
+        return TrainResult(
+            self.step, losses, head_losses, val, self.run_dir, ckpt, paths, stop.reason, nonfinite
+        )
 
     def _on_nonfinite(self, result: StepResult, in_a_row: int) -> None:
         """The engine dropped this step's update; abort (nothing saved) if the policy or a streak says so."""
@@ -152,4 +185,6 @@ class Trainer:
                 f"from the last checkpoint with a lower optim.lr or more optim.warmup_steps"
             )
         if parallel.is_logging_rank():
-            print(f"step {self.step}: non-finite loss ({result.loss}): update dropped (trainer.nonfinite=skip)")
+            print(
+                f"step {self.step}: non-finite loss ({result.loss}): update dropped (trainer.nonfinite=skip)"
+            )

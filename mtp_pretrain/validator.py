@@ -21,9 +21,16 @@ class Validator:
     nothing), so every rank runs the same collectives."""
 
     def __init__(
-        self, cfg: Config, engine: Engine, val: Sequence[Dataset], tokenizer_path: Path, eos: int, pad: int,
-        dp_rank: int, dp_size: int,
-    ) -> None:  # fmt: skip
+        self,
+        cfg: Config,
+        engine: Engine,
+        val: Sequence[Dataset],
+        tokenizer_path: Path,
+        eos: int,
+        pad: int,
+        dp_rank: int,
+        dp_size: int,
+    ) -> None:
         self.cfg, self.engine, self.val, self.tokenizer_path = cfg, engine, list(val), tokenizer_path
         self.eos, self.pad, self.dp_rank, self.dp_size = eos, pad, dp_rank, dp_size
 
@@ -32,14 +39,22 @@ class Validator:
         cfg, t = self.cfg, self.cfg.trainer
         sample_len = cfg.model.seq_len + cfg.mtp.n
         stream = validation_batches(
-            self.val, self.tokenizer_path, t.micro_batch_size, sample_len, reader=self.dp_rank,
-            num_readers=self.dp_size, on_error=cfg.data.on_error, text_field=cfg.data.text_field,
-        )  # fmt: skip
+            self.val,
+            self.tokenizer_path,
+            t.micro_batch_size,
+            sample_len,
+            reader=self.dp_rank,
+            num_readers=self.dp_size,
+            on_error=cfg.data.on_error,
+            text_field=cfg.data.text_field,
+        )
         padding = itertools.repeat(torch.full((t.micro_batch_size, sample_len), self.pad, dtype=torch.long))
         batches = with_targets(
-            itertools.islice(itertools.chain(stream, padding), t.val_batches), self.eos, self.pad,
+            itertools.islice(itertools.chain(stream, padding), t.val_batches),
+            self.eos,
+            self.pad,
             cfg.data.mask_doc_boundaries,
-        )  # fmt: skip
+        )
         _, stats = self.engine.eval_step(batches, t.val_batches, cfg.model.seq_len, t.micro_batch_size)
         if stats is None:
             return {}

@@ -46,7 +46,8 @@ def synthetic_source(tmp_path_factory):
     root = tmp_path_factory.mktemp("src")
     for i in range(40):
         body = "\n".join(
-            f"def f_{i}_{j}(x, y={j}):\n    '''Return x scaled by {j}.'''\n    return x * y + {i}\n" for j in range(6)
+            f"def f_{i}_{j}(x, y={j}):\n    '''Return x scaled by {j}.'''\n    return x * y + {i}\n"
+            for j in range(6)
         )
         (root / f"mod_{i:03d}.py").write_text(f"import os\n\n{body}\n")
     return root
@@ -60,12 +61,25 @@ def compose_config(*overrides: str) -> Config:
 def tiny_run_overrides(source, cache, run_dir, **extra) -> list[str]:
     """A seconds-long training run on the synthetic corpus."""
     base = {
-        "model.num_layers": 3, "model.hidden_size": 32, "model.num_attention_heads": 2, "model.seq_len": 16,
-        "mtp.n": 2, "data.source": f"[{source}]", "data.cache_dir": str(cache), "data.vocab_size": 300,
-        "data.docs_per_shard": 5, "trainer.micro_batch_size": 2, "trainer.steps": 6, "trainer.val_every": 3,
-        "trainer.val_batches": 2, "trainer.save_every": 3, "trainer.run_dir": str(run_dir),
-        "logging.wandb_mode": "disabled", "logging.log_every": 1, "optim.warmup_steps": 2,
-    }  # fmt: skip
+        "model.num_layers": 3,
+        "model.hidden_size": 32,
+        "model.num_attention_heads": 2,
+        "model.seq_len": 16,
+        "mtp.n": 2,
+        "data.source": f"[{source}]",
+        "data.cache_dir": str(cache),
+        "data.vocab_size": 300,
+        "data.docs_per_shard": 5,
+        "trainer.micro_batch_size": 2,
+        "trainer.steps": 6,
+        "trainer.val_every": 3,
+        "trainer.val_batches": 2,
+        "trainer.save_every": 3,
+        "trainer.run_dir": str(run_dir),
+        "logging.wandb_mode": "disabled",
+        "logging.log_every": 1,
+        "optim.warmup_steps": 2,
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -83,12 +97,24 @@ def mtp_run(dist_world, synthetic_source, tmp_path_factory) -> TrainedRun:
     draft well (its code is repetitive), so decoding meets accepted and rejected drafts alike."""
     tmp = tmp_path_factory.mktemp("mtp_run")
     overrides = tiny_run_overrides(
-        synthetic_source, tmp / "cache", tmp / "run",
-        **{"model.num_layers": 5, "model.hidden_size": 64, "model.num_attention_heads": 4,
-           "model.num_query_groups": 2, "model.seq_len": 48, "mtp.n": 4, "trainer.steps": 60,
-           "trainer.micro_batch_size": 8, "trainer.val_every": 60, "trainer.save_every": 60,
-           "optim.warmup_steps": 5, "data.mask_doc_boundaries": "true"},
-    )  # fmt: skip
+        synthetic_source,
+        tmp / "cache",
+        tmp / "run",
+        **{
+            "model.num_layers": 5,
+            "model.hidden_size": 64,
+            "model.num_attention_heads": 4,
+            "model.num_query_groups": 2,
+            "model.seq_len": 48,
+            "mtp.n": 4,
+            "trainer.steps": 60,
+            "trainer.micro_batch_size": 8,
+            "trainer.val_every": 60,
+            "trainer.save_every": 60,
+            "optim.warmup_steps": 5,
+            "data.mask_doc_boundaries": "true",
+        },
+    )
     from mtp_pretrain.inference.weights import load_model
     from mtp_pretrain.trainer import Trainer
 

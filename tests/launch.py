@@ -27,7 +27,9 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run(cmd: Sequence[str], timeout: float = 180, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
+def run(
+    cmd: Sequence[str], timeout: float = 180, env: dict[str, str] | None = None, **kw
+) -> subprocess.CompletedProcess:
     """``cmd`` from the repo root, output captured as text."""
     return subprocess.run(
         list(cmd), cwd=ROOT, env=env or clean_env(), capture_output=True, text=True, timeout=timeout, **kw
@@ -37,7 +39,13 @@ def run(cmd: Sequence[str], timeout: float = 180, env: dict[str, str] | None = N
 def start(cmd: Sequence[str], env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
     """``cmd`` started from the repo root (stdout/stderr piped, text), for tests that signal or kill it."""
     return subprocess.Popen(
-        list(cmd), cwd=ROOT, env=env or clean_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw
+        list(cmd),
+        cwd=ROOT,
+        env=env or clean_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kw,
     )
 
 
@@ -53,5 +61,12 @@ def tool(script: str, *args: str, timeout: float = 180) -> subprocess.CompletedP
 
 def torchrun(nproc: int, script: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node=nproc script args`` (gloo on CPU; ~20 s per launch here)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(script),
+    ]
     return run([*cmd, *args], timeout=timeout)

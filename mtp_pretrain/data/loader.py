@@ -52,10 +52,17 @@ class ReaderSpec:
         """The stream of this rank's ``local``-th reader."""
         w = self.readers_per_rank
         return PackedBatchStream(
-            self.datasets, self.tokenizer_path, self.batch_size, self.sample_len, seed=self.seed,
-            reader=self.dp_rank * w + local, num_readers=self.dp_size * w, loop=True,
-            on_error=self.on_error, text_field=self.text_field,
-        )  # fmt: skip
+            self.datasets,
+            self.tokenizer_path,
+            self.batch_size,
+            self.sample_len,
+            seed=self.seed,
+            reader=self.dp_rank * w + local,
+            num_readers=self.dp_size * w,
+            loop=True,
+            on_error=self.on_error,
+            text_field=self.text_field,
+        )
 
 
 class _Readers(IterableDataset):
@@ -108,9 +115,17 @@ class BatchLoader:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
         self.spec = ReaderSpec(
-            tuple(datasets), str(tokenizer_path), batch_size, sample_len, seed, dp_rank, dp_size,
-            max(num_workers, 1), on_error, text_field,
-        )  # fmt: skip
+            tuple(datasets),
+            str(tokenizer_path),
+            batch_size,
+            sample_len,
+            seed,
+            dp_rank,
+            dp_size,
+            max(num_workers, 1),
+            on_error,
+            text_field,
+        )
         self._states: dict[int, dict[str, Any]] = {}
         self._next_reader = 0
         self._it: Iterator | None = None
@@ -202,7 +217,9 @@ class BatchLoader:
         any_state = next(iter(loaders.values()))
         old_dp, old_w = int(any_state["dp_size"]), max(int(any_state["num_workers"]), 1)
         if sorted(loaders) != list(range(old_dp)):
-            raise ValueError(f"cannot re-shard the data position: states of DP ranks {sorted(loaders)}, need 0..{old_dp - 1}")
+            raise ValueError(
+                f"cannot re-shard the data position: states of DP ranks {sorted(loaders)}, need 0..{old_dp - 1}"
+            )
         old = [loaders[d]["readers"].get(str(w)) for d in range(old_dp) for w in range(old_w)]
         w = self.readers_per_rank
         spec = self.spec

@@ -222,7 +222,9 @@ def _encoded(
     with multiprocessing.get_context("fork").Pool(workers, _init_encoder, (str(tokenizer_path),)) as pool:
         chunks = _chunks(docs, _ENCODE_CHUNK)
         while batch := list(itertools.islice(chunks, window)):
-            for chunk, ids in zip(batch, pool.map(_encode_chunk, [[d["text"] for d in c] for c in batch]), strict=True):
+            for chunk, ids in zip(
+                batch, pool.map(_encode_chunk, [[d["text"] for d in c] for c in batch]), strict=True
+            ):
                 yield from zip(chunk, ids, strict=True)
 
 
@@ -262,7 +264,9 @@ def write_shards(
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{prefix}.tmp-"))
     counts: dict[str, dict[str, int]] = {}
-    bar = tqdm(desc="documents", unit=" docs", disable=None if progress else True, mininterval=1.0)  # None: TTY only
+    bar = tqdm(
+        desc="documents", unit=" docs", disable=None if progress else True, mininterval=1.0
+    )  # None: TTY only
     try:
         pattern = str(tmp / f"{prefix}-%06d.tar")
         # mtime fixed => byte-identical shards for identical input
@@ -312,7 +316,8 @@ def _write_manifest(out: Path, counts: dict[str, dict[str, int]], tokenizer_path
         "num_samples": sum(c["samples"] for c in counts.values()),
         "num_tokens": sum(c["tokens"] for c in counts.values()) if tokenized else None,
         "shards": [
-            {"name": name, **c, **({} if tokenized else {"tokens": None})} for name, c in sorted(counts.items())
+            {"name": name, **c, **({} if tokenized else {"tokens": None})}
+            for name, c in sorted(counts.items())
         ],
     }
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".manifest.")

@@ -44,13 +44,19 @@ class Engine(Protocol):
         """The (first chunk of the) unwrapped model on this rank."""
 
     def train_step(
-        self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int,
+        self,
+        batches: Iterator[Batch],
+        num_microbatches: int,
+        seq_len: int,
+        micro_batch: int,
         stop_requested: Callable[[], bool] = lambda: False,
     ) -> StepResult:
         """Forward/backward over the micro-batches, then the update unless some rank's loss is NaN/inf.
         ``stop_requested`` (this rank's wish to stop) is agreed across ranks in the same collective."""
 
-    def eval_step(self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int) -> tuple[float, HeadStats | None]: ...
+    def eval_step(
+        self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int
+    ) -> tuple[float, HeadStats | None]: ...
 
     def save(self, directory: Path) -> None:
         """Write this rank's share of model + optimizer state into ``directory`` (a collective)."""

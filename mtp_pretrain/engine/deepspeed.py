@@ -42,20 +42,28 @@ class MegatronMpu:
     """What DeepSpeed asks a model-parallel unit for, answered by megatron's parallel_state."""
 
     # DeepSpeed asks for the "model parallel" group by both names: it is the tensor-parallel one
-    get_model_parallel_rank = get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_model_parallel_rank = get_tensor_model_parallel_rank = staticmethod(
+        parallel_state.get_tensor_model_parallel_rank
+    )
     get_model_parallel_world_size = get_tensor_model_parallel_world_size = staticmethod(
         parallel_state.get_tensor_model_parallel_world_size
     )
-    get_model_parallel_group = get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_model_parallel_group = get_tensor_model_parallel_group = staticmethod(
+        parallel_state.get_tensor_model_parallel_group
+    )
     get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
     get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
     get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
     get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
-    get_pipeline_model_parallel_world_size = staticmethod(parallel_state.get_pipeline_model_parallel_world_size)
+    get_pipeline_model_parallel_world_size = staticmethod(
+        parallel_state.get_pipeline_model_parallel_world_size
+    )
     get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
 
 
-def deepspeed_config(p: ParallelConfig, optim: OptimConfig, micro_batch: int, grad_accum: int, bf16: bool) -> dict:
+def deepspeed_config(
+    p: ParallelConfig, optim: OptimConfig, micro_batch: int, grad_accum: int, bf16: bool
+) -> dict:
     """The DeepSpeed JSON generated from our config, with ``parallel.deepspeed_config`` merged over it."""
     dp = parallel_state.get_data_parallel_world_size()
     zero: dict[str, Any] = {"stage": p.zero_stage}
@@ -133,11 +141,17 @@ class DeepSpeedEngine(EngineBase):
         return self.ds(*(t.to(dev, non_blocking=True) for t in batch))
 
     def train_step(
-        self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int,
+        self,
+        batches: Iterator[Batch],
+        num_microbatches: int,
+        seq_len: int,
+        micro_batch: int,
         stop_requested: Callable[[], bool] = lambda: False,
     ) -> StepResult:
         if self.ds.gradient_accumulation_steps() != num_microbatches:
-            raise ValueError(f"{num_microbatches} micro-batches, DeepSpeed was set up for {self.ds.gradient_accumulation_steps()}")
+            raise ValueError(
+                f"{num_microbatches} micro-batches, DeepSpeed was set up for {self.ds.gradient_accumulation_steps()}"
+            )
         self.ds.train()
         outputs = []
         for m in range(num_microbatches):
@@ -156,7 +170,9 @@ class DeepSpeedEngine(EngineBase):
         self.ds.step()  # the boundary: reduce, clip, update
         self.scheduler.step(increment=1)
         norm = self.ds.get_global_grad_norm()
-        return StepResult(loss, stats, float(norm if norm is not None else 0.0), self.lr, skipped=False, stop=stop)
+        return StepResult(
+            loss, stats, float(norm if norm is not None else 0.0), self.lr, skipped=False, stop=stop
+        )
 
     @torch.no_grad()
     def eval_step(
@@ -185,7 +201,9 @@ class DeepSpeedEngine(EngineBase):
             torch.distributed.barrier()
             self.ds._config.load_universal_checkpoint = True
         try:
-            path, _ = self.ds.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+            path, _ = self.ds.load_checkpoint(
+                str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
         finally:
             self.ds._config.load_universal_checkpoint = False
         if path is None:
@@ -214,15 +232,22 @@ def _to_universal(source: Path, target: Path) -> None:
     # entries. Stage the input with those dropped from the model-state files (the rest linked, not copied).
     for f in source.iterdir():
         if f.name.startswith("mp_rank_") and f.name.endswith("_model_states.pt"):
-            state = torch.load(f, map_location="cpu", weights_only=False)  # our own run's file, DeepSpeed format
+            state = torch.load(
+                f, map_location="cpu", weights_only=False
+            )  # our own run's file, DeepSpeed format
             state["module"] = {k: v for k, v in state["module"].items() if isinstance(v, torch.Tensor)}
             torch.save(state, staged / f.name)
         else:
             (staged / f.name).symlink_to(f.resolve())
     args = argparse.Namespace(
-        input_folder=str(staged), output_folder=str(partial), num_extract_workers=1, num_merge_workers=1,
-        keep_temp_folder=False, strict=True, inject_missing_state=True,
-    )  # fmt: skip
+        input_folder=str(staged),
+        output_folder=str(partial),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
     ds_to_universal.main(args)
     shutil.rmtree(staged)
     partial.rename(target)

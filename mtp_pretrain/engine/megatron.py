@@ -93,7 +93,9 @@ class MegatronEngine(EngineBase):
     def load(self, directory: Path) -> None:
         from megatron.core import dist_checkpointing
 
-        self.load_sharded_state_dict(dist_checkpointing.load(self.sharded_state_dict(is_loading=True), str(directory)))
+        self.load_sharded_state_dict(
+            dist_checkpointing.load(self.sharded_state_dict(is_loading=True), str(directory))
+        )
 
     @property
     def model(self) -> DistributedDataParallel:
@@ -112,7 +114,14 @@ class MegatronEngine(EngineBase):
 
         return output, loss_func
 
-    def _run(self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int, forward_only: bool):
+    def _run(
+        self,
+        batches: Iterator[Batch],
+        num_microbatches: int,
+        seq_len: int,
+        micro_batch: int,
+        forward_only: bool,
+    ):
         if len(self.chunks) > 1:  # interleaved: every chunk walks the same micro-batches
             mbs = list(batches)
             batches = [iter(mbs) for _ in self.chunks]
@@ -127,7 +136,11 @@ class MegatronEngine(EngineBase):
         )
 
     def train_step(
-        self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int,
+        self,
+        batches: Iterator[Batch],
+        num_microbatches: int,
+        seq_len: int,
+        micro_batch: int,
         stop_requested: Callable[[], bool] = lambda: False,
     ) -> StepResult:
         for c in self.chunks:
@@ -198,8 +211,12 @@ class MegatronEngine(EngineBase):
             name = self._chunk_key(i)
             missing, unexpected = c.module.load_state_dict(loaded[name], strict=False)
             left_out = {k for k in models[name] if not keep(k)}
-            if unexpected or not set(missing) <= left_out | {k for k in missing if k.endswith("_extra_state")}:
-                raise RuntimeError(f"weights from {ckpt} did not fit: missing {missing}, unexpected {unexpected}")
+            if unexpected or not set(missing) <= left_out | {
+                k for k in missing if k.endswith("_extra_state")
+            }:
+                raise RuntimeError(
+                    f"weights from {ckpt} did not fit: missing {missing}, unexpected {unexpected}"
+                )
         self.optimizer.reload_model_params()
 
 
@@ -237,7 +254,9 @@ def _tolerate_missing_step(optimizer: Any) -> Iterator[None]:
         if original is None:
             continue
 
-        def set_states(model_param: Tensor, tensors: dict, opt: Any = opt, original: Callable = original) -> None:
+        def set_states(
+            model_param: Tensor, tensors: dict, opt: Any = opt, original: Callable = original
+        ) -> None:
             group, order = opt.model_param_group_index_map[model_param]
             state = opt.optimizer.state[opt.optimizer.param_groups[group]["params"][order]]
             if "step" in state and "step" not in tensors:

@@ -86,12 +86,16 @@ class DecodeStats:
 
     def as_dict(self) -> dict:
         return {
-            "rows": self.rows, "new_tokens": self.new_tokens, "forwards": self.forwards, "seconds": self.seconds,
-            "speculative": self.speculative, "drafting_stopped_at": self.drafting_stopped_at,
+            "rows": self.rows,
+            "new_tokens": self.new_tokens,
+            "forwards": self.forwards,
+            "seconds": self.seconds,
+            "speculative": self.speculative,
+            "drafting_stopped_at": self.drafting_stopped_at,
             "tokens_per_forward": self.tokens_per_forward,
             "tokens_per_second": self.tokens_per_second,
             "acceptance_per_head": {f"head{j + 2}": r for j, r in enumerate(self.acceptance)},
-        }  # fmt: skip
+        }
 
 
 def choose(logits: Tensor, sampling: Sampling, generator: torch.Generator | None) -> Tensor:
@@ -160,7 +164,9 @@ def generate(
     if min(limits) < max_new_tokens:
         warnings.warn(f"generation stops at the model's context of {cfg.context} tokens", stacklevel=2)
     generator = None if sampling.greedy else torch.Generator(device=device).manual_seed(sampling.seed)
-    stats = DecodeStats(rows=B, speculative=speculative, proposed=[0] * (heads - 1), accepted=[0] * (heads - 1))
+    stats = DecodeStats(
+        rows=B, speculative=speculative, proposed=[0] * (heads - 1), accepted=[0] * (heads - 1)
+    )
     out: list[list[int]] = [[] for _ in range(B)]
     done = [limit <= 0 for limit in limits]
     rows = torch.arange(B, device=device)
@@ -177,7 +183,9 @@ def generate(
             on_tokens(b, take)
 
     # the prompts, right-padded (padding positions are stale cache entries, overwritten before being read)
-    padded = torch.full((B, int(lengths.max())), eos if eos is not None else 0, dtype=torch.long, device=device)
+    padded = torch.full(
+        (B, int(lengths.max())), eos if eos is not None else 0, dtype=torch.long, device=device
+    )
     for b, p in enumerate(prompts):
         padded[b, : len(p)] = torch.as_tensor(list(p), device=device)
     # a row that finishes inside a block has advanced up to `heads` past its last token, and a finished
@@ -195,8 +203,15 @@ def generate(
 
     probe_tokens, probe_rows = 0, 0  # tokens gained / row-forwards while drafting, for the pays-off check
     while not all(done):
-        if speculative and stats.forwards - 1 == PROBE_FORWARDS and probe_tokens < min_tokens_per_forward * probe_rows:
-            speculative, stats.drafting_stopped_at = False, stats.forwards  # the head stack costs more than it gains
+        if (
+            speculative
+            and stats.forwards - 1 == PROBE_FORWARDS
+            and probe_tokens < min_tokens_per_forward * probe_rows
+        ):
+            speculative, stats.drafting_stopped_at = (
+                False,
+                stats.forwards,
+            )  # the head stack costs more than it gains
             drafts = drafts[:, :0]
         if draft_fn is not None and speculative:
             drafts = draft_fn([list(o) for o in out], drafts)
@@ -223,7 +238,9 @@ def generate(
             a = accepted_list[b]
             if speculative:
                 probe_tokens, probe_rows = probe_tokens + a + 1, probe_rows + 1
-            for j in range(heads - 1 if speculative else 0):  # draft j was looked at iff drafts 0..j-1 were accepted
+            for j in range(
+                heads - 1 if speculative else 0
+            ):  # draft j was looked at iff drafts 0..j-1 were accepted
                 stats.proposed[j] += a >= j
                 stats.accepted[j] += a > j
             emit(b, new_list[b][: a + 1])
@@ -260,7 +277,13 @@ def generate_text(
             shown[row] = text
 
     result = generate(
-        model.decoder, ids, max_new_tokens, eos=model.eos, sampling=sampling, speculative=speculative,
-        on_tokens=stream if on_text is not None else None, min_tokens_per_forward=min_tokens_per_forward,
-    )  # fmt: skip
+        model.decoder,
+        ids,
+        max_new_tokens,
+        eos=model.eos,
+        sampling=sampling,
+        speculative=speculative,
+        on_tokens=stream if on_text is not None else None,
+        min_tokens_per_forward=min_tokens_per_forward,
+    )
     return [model.tokenizer.decode(t) for t in result.tokens], result.stats

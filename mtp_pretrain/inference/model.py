@@ -49,7 +49,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
-def rope_tables(positions: int, head_dim: int, base: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+def rope_tables(
+    positions: int, head_dim: int, base: float, dtype: torch.dtype, device: torch.device
+) -> Tensor:
     """cos/sin of rotate-half RoPE for positions 0..positions-1: [2, positions, head_dim]."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     angles = torch.arange(positions, device=device, dtype=torch.float32)[:, None] * inv_freq
@@ -83,14 +85,22 @@ class StackedBlocks(torch.nn.Module):
         self.mlp_norm, self.gate_up, self.down = p(d), p(2 * f, d), p(d, f)
 
     def forward(
-        self, x: Tensor, cache: BlockCache, positions: Tensor, rotary: tuple[Tensor, Tensor], visible: Tensor, take: int
+        self,
+        x: Tensor,
+        cache: BlockCache,
+        positions: Tensor,
+        rotary: tuple[Tensor, Tensor],
+        visible: Tensor,
+        take: int,
     ) -> Tensor:
         """x [take, B, S, d] at positions [B, S]; ``visible`` [B, 1, S, T]: which cached keys each query sees."""
         cfg = self.cfg
         k_, B, S, d = x.shape  # noqa: N806
         H, G, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim  # noqa: N806
         h = rms_norm(x, self.attn_norm[:take, None, None], cfg.norm_eps)
-        qkv = torch.matmul(h.view(k_, B * S, d), self.qkv[:take].transpose(1, 2)).view(k_, B, S, H + 2 * G, hd)
+        qkv = torch.matmul(h.view(k_, B * S, d), self.qkv[:take].transpose(1, 2)).view(
+            k_, B, S, H + 2 * G, hd
+        )
         q, k, v = qkv.split([H, G, G], dim=3)
         q, k = rope(q, *rotary), rope(k, *rotary)
         keys, values = cache.write(k, v, positions, visible.shape[-1], take)  # [k_, B, T, G, hd]
@@ -111,7 +121,9 @@ class StackedBlocks(torch.nn.Module):
 class BlockCache:
     """Keys/values of one stack of m blocks for B rows: [m, B, capacity, kv heads, head dim]."""
 
-    def __init__(self, m: int, batch: int, capacity: int, cfg: DecoderConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, m: int, batch: int, capacity: int, cfg: DecoderConfig, dtype: torch.dtype, device: torch.device
+    ) -> None:
         shape = (m, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -132,7 +144,9 @@ class KVCache:
     a query at position p only attends to positions <= p, all of which are written before it runs.
     """
 
-    def __init__(self, cfg: DecoderConfig, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, cfg: DecoderConfig, batch: int, capacity: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         self.trunk = [BlockCache(1, batch, capacity, cfg, dtype, device) for _ in range(cfg.trunk_layers)]
         self.heads = BlockCache(cfg.mtp_heads, batch, capacity, cfg, dtype, device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
@@ -150,7 +164,9 @@ class MTPDecoder(torch.nn.Module):
         self.heads = StackedBlocks(cfg, cfg.mtp_heads)
         self.norm = torch.nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
         self.unembed = torch.nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
-        self._rope: Tensor | None = None  # cos/sin tables, built on first use (after the weights' dtype/device)
+        self._rope: Tensor | None = (
+            None  # cos/sin tables, built on first use (after the weights' dtype/device)
+        )
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache(self.cfg, batch, capacity, self.embed.dtype, self.embed.device)
@@ -167,9 +183,17 @@ class MTPDecoder(torch.nn.Module):
             raise ValueError(f"position {end - 1} is past the cache capacity {cache.capacity}")
         # a query at position p sees keys 0..p: every one of them is written by then (earlier steps or this one)
         visible = (torch.arange(end, device=tokens.device) <= positions[..., None])[:, None]  # [B, 1, S, T]
-        if self._rope is None or self._rope.shape[1] < cache.capacity:  # computed once per size, not per layer
+        if (
+            self._rope is None or self._rope.shape[1] < cache.capacity
+        ):  # computed once per size, not per layer
             cfg = self.cfg
-            self._rope = rope_tables(max(cache.capacity, cfg.context), cfg.head_dim, cfg.rope_base, self.embed.dtype, self.embed.device)
+            self._rope = rope_tables(
+                max(cache.capacity, cfg.context),
+                cfg.head_dim,
+                cfg.rope_base,
+                self.embed.dtype,
+                self.embed.device,
+            )
         cos, sin = self._rope[:, positions, None]  # [B, S, 1, hd] each
         x = F.embedding(tokens, self.embed)[None]
         for block, block_cache in zip(self.trunk, cache.trunk, strict=True):

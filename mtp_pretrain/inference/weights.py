@@ -43,7 +43,9 @@ def resolve(path: str | Path) -> Path:
     """An export dir or checkpoint as given; a run dir or its checkpoints/ dir -> its newest valid checkpoint."""
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(f"{p} does not exist (give a run dir, a step_XXXXXXXX checkpoint or an mtp-export dir)")
+        raise CheckpointError(
+            f"{p} does not exist (give a run dir, a step_XXXXXXXX checkpoint or an mtp-export dir)"
+        )
     if (p / "config.json").is_file() or (p / "mtp_checkpoint.json").is_file():
         return p
     for root in (p / "checkpoints", p):
@@ -93,11 +95,17 @@ def load_model(
     n = int(config.get("mtp_n_heads", 1))
     layers = config["num_hidden_layers"]  # trunk + head 1
     cfg = DecoderConfig(
-        vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], ffn_hidden_size=config["intermediate_size"],
-        num_heads=config["num_attention_heads"], num_kv_heads=config["num_key_value_heads"], trunk_layers=layers - 1,
-        mtp_heads=n, context=config["max_position_embeddings"], norm_eps=config["rms_norm_eps"],
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        ffn_hidden_size=config["intermediate_size"],
+        num_heads=config["num_attention_heads"],
+        num_kv_heads=config["num_key_value_heads"],
+        trunk_layers=layers - 1,
+        mtp_heads=n,
+        context=config["max_position_embeddings"],
+        norm_eps=config["rms_norm_eps"],
         rope_base=config["rope_theta"],
-    )  # fmt: skip
+    )
     if n == 1:
         warnings.warn(
             f"{source} has no extra MTP heads (trained with mtp.n=1): self-speculative decoding is off, "
@@ -105,7 +113,9 @@ def load_model(
             stacklevel=2,
         )
     model = MTPDecoder(cfg)
-    block_prefixes = [f"model.layers.{i}." for i in range(layers)] + [f"{MTP_PREFIX}{k}." for k in range(1, n)]
+    block_prefixes = [f"model.layers.{i}." for i in range(layers)] + [
+        f"{MTP_PREFIX}{k}." for k in range(1, n)
+    ]
     trunk_prefixes, head_prefixes = block_prefixes[: layers - 1], block_prefixes[layers - 1 :]
     with torch.no_grad():
         for block, prefixes in [(b, [p]) for b, p in zip(model.trunk, trunk_prefixes, strict=True)] + [
@@ -118,6 +128,10 @@ def load_model(
         model.norm.copy_(tensors["model.norm.weight"])
         model.unembed.copy_(tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"]))
     model.to(device=device, dtype=dtype).eval()
-    tok = Tokenizer.from_str(tok_json) if tokenizer is None else _check_tokenizer(tokenizer, tok_json, cfg.vocab_size)
+    tok = (
+        Tokenizer.from_str(tok_json)
+        if tokenizer is None
+        else _check_tokenizer(tokenizer, tok_json, cfg.vocab_size)
+    )
     tok.encode_special_tokens = True  # as in training: special-token text inside a prompt stays text
     return LoadedModel(model, tok, eos_id(tok), source)

@@ -60,7 +60,10 @@ class MTPHeads(MegatronModule):
             sd.update(layer.sharded_state_dict(f"{prefix}layers.{i}.", sharded_offsets, metadata))
         sd.update(  # tp_group explicitly: megatron only defaults it when no dp group is given either
             sharded_state_dict_default(
-                self.final_layernorm, f"{prefix}final_layernorm.", sharded_offsets, metadata,
+                self.final_layernorm,
+                f"{prefix}final_layernorm.",
+                sharded_offsets,
+                metadata,
                 tp_group=parallel_state.get_tensor_model_parallel_group(),
             )
         )

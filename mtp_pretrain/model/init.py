@@ -28,14 +28,19 @@ def global_name(model: torch.nn.Module, name: str) -> str:
     if m is None:
         return name
     number = model.decoder.layers[int(m.group(1))].layer_number  # 1-based, global
-    return f"decoder.layers.{number - 1}.{name[m.end():]}"
+    return f"decoder.layers.{number - 1}.{name[m.end() :]}"
 
 
-def _shard(full: torch.Tensor, param: torch.nn.Parameter, name: str, config: TransformerConfig) -> torch.Tensor:
+def _shard(
+    full: torch.Tensor, param: torch.nn.Parameter, name: str, config: TransformerConfig
+) -> torch.Tensor:
     """This rank's tensor-parallel piece of a whole weight."""
     if not getattr(param, "tensor_model_parallel", False):
         return full
-    tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    tp, rank = (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_tensor_model_parallel_rank(),
+    )
     dim = param.partition_dim
     if config.gated_linear_unit and name.endswith("mlp.linear_fc1.weight"):
         # fused [gate; up]: each rank holds its slice of gate followed by its slice of up

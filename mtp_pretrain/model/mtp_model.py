@@ -115,13 +115,18 @@ class MTPModel(LanguageModule):
         self.real_vocab_size = real_vocab_size if real_vocab_size is not None else vocab_size
         self.pre_process, self.post_process = pre_process, post_process
         self.share_embeddings_and_output_weights = tie_embeddings
-        self.loss_fn = loss_fn  # the last stage's loss; None: forward() is not for training (inference, tools)
+        self.loss_fn = (
+            loss_fn  # the last stage's loss; None: forward() is not for training (inference, tools)
+        )
         self.model_type = ModelType.encoder_or_decoder  # megatron's schedules read it
         spec = layer_spec or get_gpt_layer_local_spec(normalization="RMSNorm")
 
         if pre_process:
             self.embedding = LanguageModelEmbedding(
-                config=config, vocab_size=vocab_size, max_sequence_length=seq_len, position_embedding_type="rope"
+                config=config,
+                vocab_size=vocab_size,
+                max_sequence_length=seq_len,
+                position_embedding_type="rope",
             )
         self.rotary_pos_emb = RotaryEmbedding(
             kv_channels=config.kv_channels,
@@ -131,9 +136,13 @@ class MTPModel(LanguageModule):
         )
         # The trunk: no final norm here — each head's block comes first, then the shared norm.
         self.decoder = TransformerBlock(
-            config=config, spec=spec, post_layer_norm=False, pre_process=pre_process, post_process=post_process,
+            config=config,
+            spec=spec,
+            post_layer_norm=False,
+            pre_process=pre_process,
+            post_process=post_process,
             vp_stage=vp_stage,
-        )  # fmt: skip
+        )
         if post_process:
             self.heads = MTPHeads(
                 config, spec, n_heads, first_layer_number=len(self.decoder.layers) + 1, vp_stage=vp_stage
@@ -159,7 +168,9 @@ class MTPModel(LanguageModule):
 
     def unembed(self, y: Tensor) -> Tensor:
         """Shared unembedding: hidden [t, B, d] -> vocab-parallel logits [t, B, V/tp]."""
-        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        weight = (
+            self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        )
         logits, _ = self.output_layer(y, weight=weight)
         return logits
 
@@ -187,7 +198,9 @@ class MTPModel(LanguageModule):
         if not self.post_process:
             return h
         if self.loss_fn is None:
-            raise RuntimeError("MTPModel built without a loss_fn cannot train: build it with mtp_pretrain.build")
+            raise RuntimeError(
+                "MTPModel built without a loss_fn cannot train: build it with mtp_pretrain.build"
+            )
         valid = target_valid if target_valid is not None else torch.ones_like(tokens, dtype=torch.bool)
         targets = HeadTargets(tokens, valid, segments)
         return self.loss_fn(h, self.heads, self.unembed, self.unembedding_weight(), targets, rotary)

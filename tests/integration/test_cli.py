@@ -65,15 +65,30 @@ def test_make_shards_writes_shards(py_tree, tmp_path, capsys):
     assert [p.name for p in shards] == ["part-000000.tar", "part-000001.tar", "part-000002.tar"]  # 5 docs / 2
     members = [m for s in shards for m in tarfile.open(s).getnames()]
     assert sum(m.endswith(".txt") for m in members) == 5 and sum(m.endswith(".json") for m in members) == 5
-    texts = {tarfile.open(s).extractfile(m).read().decode() for s in shards for m in tarfile.open(s).getnames()
-             if m.endswith(".txt")}  # fmt: skip
+    texts = {
+        tarfile.open(s).extractfile(m).read().decode()
+        for s in shards
+        for m in tarfile.open(s).getnames()
+        if m.endswith(".txt")
+    }
     assert texts == {p.read_text() for p in py_tree.glob("*.py")}
     assert f"wrote 3 shard(s), 5 documents to {out}" in capsys.readouterr().out
     # pre-tokenized, with a target shard size (100 bytes of payload: one document per shard) + the manifest
     tok = tmp_path / "tokenizer.json"
     train_tokenizer([str(py_tree), "--out", str(tok), "--vocab-size", "300"])
-    make_shards([str(py_tree), "--out", str(tmp_path / "tok"), "--tokenizer", str(tok), "--shard-size-mb", "0.0001",
-                 "--workers", "2"])  # fmt: skip
+    make_shards(
+        [
+            str(py_tree),
+            "--out",
+            str(tmp_path / "tok"),
+            "--tokenizer",
+            str(tok),
+            "--shard-size-mb",
+            "0.0001",
+            "--workers",
+            "2",
+        ]
+    )
     manifest = json.loads((tmp_path / "tok" / "manifest.json").read_text())
     assert manifest["content"] == "tokens" and manifest["num_samples"] == 5 and len(manifest["shards"]) == 5
     assert manifest["num_tokens"] > 0 and f"{manifest['num_tokens']} tokens" in capsys.readouterr().out

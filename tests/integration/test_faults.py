@@ -22,9 +22,17 @@ STEPS = 6
 
 def _overrides(source: Path, cache: Path, run_dir: Path) -> list[str]:
     return tiny_run_overrides(
-        source, cache, run_dir, **{"trainer.steps": STEPS, "trainer.save_every": 2, "trainer.grad_accum": 2,
-                                   "trainer.keep_last": 5, "logging.plot": "false"}
-    )  # fmt: skip
+        source,
+        cache,
+        run_dir,
+        **{
+            "trainer.steps": STEPS,
+            "trainer.save_every": 2,
+            "trainer.grad_accum": 2,
+            "trainer.keep_last": 5,
+            "logging.plot": "false",
+        },
+    )
 
 
 def _cli(overrides: list[str], crash_at: str | None = None, **popen) -> subprocess.Popen:

@@ -24,8 +24,9 @@ def _build_wheel(tmp: Path) -> Path:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     # no build isolation and no index: the build uses this venv's setuptools, and nothing is downloaded
-    out = run([*PIP, "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-               "-w", str(tmp / "dist"), str(src)])
+    out = run(
+        [*PIP, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp / "dist"), str(src)]
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     return next((tmp / "dist").glob("*.whl"))
 

@@ -40,14 +40,23 @@ def cluster():
 
 
 def _overrides(source: Path, root: Path, run: str) -> list[str]:
-    return tiny_run_overrides(source, root / "cache", root / run, **{"trainer.steps": STEPS, "trainer.save_every": 2,
-                                                                    "logging.plot": "false"})  # fmt: skip
+    return tiny_run_overrides(
+        source,
+        root / "cache",
+        root / run,
+        **{"trainer.steps": STEPS, "trainer.save_every": 2, "logging.plot": "false"},
+    )
 
 
 def _submit(overrides: list[str]) -> str:
     cmd = [str(Path(sys.executable).parent / "mtp-submit")]
-    slurm = ["slurm.nodes=2", "slurm.procs_per_node=2", "slurm.cpus_per_task=2", "slurm.local_addr_from_ip=true",
-             f"slurm.setup='source {ROOT}/.venv/bin/activate; export GLOO_SOCKET_IFNAME=eth0'"]  # fmt: skip
+    slurm = [
+        "slurm.nodes=2",
+        "slurm.procs_per_node=2",
+        "slurm.cpus_per_task=2",
+        "slurm.local_addr_from_ip=true",
+        f"slurm.setup='source {ROOT}/.venv/bin/activate; export GLOO_SOCKET_IFNAME=eth0'",
+    ]
     out = run([*cmd, *slurm, *overrides], env=_env(), timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout.strip().splitlines()[-1]
@@ -108,7 +117,9 @@ def test_usr1_preemption_saves_requeues_and_finishes_identically(dist_world, uni
     end = time.time() + 300
     while time.time() < end:  # preempt once training is under way
         history = run / "metrics.jsonl"
-        if history.is_file() and any(json.loads(line)["step"] >= 2 for line in history.read_text().splitlines()):
+        if history.is_file() and any(
+            json.loads(line)["step"] >= 2 for line in history.read_text().splitlines()
+        ):
             break
         time.sleep(1)
     run(["scancel", "--signal=USR1", "--batch", job], env=_env(), check=True)
@@ -124,6 +135,10 @@ def test_usr1_preemption_saves_requeues_and_finishes_identically(dist_world, uni
 
 
 def test_more_nodes_than_the_cluster_has_is_a_clear_error(cluster, tmp_path):
-    cmd = [str(Path(sys.executable).parent / "mtp-submit"), "slurm.nodes=5", f"trainer.run_dir={tmp_path / 'run'}"]
+    cmd = [
+        str(Path(sys.executable).parent / "mtp-submit"),
+        "slurm.nodes=5",
+        f"trainer.run_dir={tmp_path / 'run'}",
+    ]
     out = run(cmd, env=_env(), timeout=60)
     assert out.returncode == 2 and "mtp-submit: error: sbatch refused the job" in out.stderr, out.stderr

@@ -73,8 +73,10 @@ def test_latest_is_none_without_checkpoints(tmp_path):
 
 
 def _biggest_file(ckpt):
-    return max((p for p in ckpt.rglob("*") if p.is_file() and p.name != "mtp_checkpoint.json"),
-               key=lambda p: p.stat().st_size)  # fmt: skip
+    return max(
+        (p for p in ckpt.rglob("*") if p.is_file() and p.name != "mtp_checkpoint.json"),
+        key=lambda p: p.stat().st_size,
+    )
 
 
 def test_truncated_file_fails_verify_and_latest_falls_back(model, tmp_path, capsys):
@@ -188,7 +190,9 @@ def test_load_with_another_world_size_drops_per_rank_state(model, tmp_path):
 
 def _engine(seed: int) -> MegatronEngine:
     tconfig = transformer_config(MODEL, MTP)
-    return MegatronEngine(build_model(MODEL, MTP, VOCAB, tconfig, seed=seed), tconfig, OptimConfig(warmup_steps=1), 10)
+    return MegatronEngine(
+        build_model(MODEL, MTP, VOCAB, tconfig, seed=seed), tconfig, OptimConfig(warmup_steps=1), 10
+    )
 
 
 def _step(engine: MegatronEngine, tokens: torch.Tensor):

@@ -131,8 +131,14 @@ def test_tracker_rejects_duplicates_and_unknown_names(dist_world):
 def test_cpu_safe_overrides_turn_fusions_off(dist_world):
     overrides = compat.cpu_safe_config_overrides()
     fusions = [k for k in overrides if "fusion" in k]
-    assert {"bias_activation_fusion", "masked_softmax_fusion", "apply_rope_fusion", "bias_dropout_fusion",
-            "gradient_accumulation_fusion", "cross_entropy_loss_fusion"} <= set(fusions)  # fmt: skip
+    assert {
+        "bias_activation_fusion",
+        "masked_softmax_fusion",
+        "apply_rope_fusion",
+        "bias_dropout_fusion",
+        "gradient_accumulation_fusion",
+        "cross_entropy_loss_fusion",
+    } <= set(fusions)
     assert not any(overrides[k] for k in fusions)
     assert overrides["use_cpu_initialization"] is True
     model = ModelConfig(preset="t", num_layers=3, hidden_size=32, num_attention_heads=2, seq_len=8)

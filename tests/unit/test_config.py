@@ -86,7 +86,10 @@ def test_head_weights_sum_unless_the_cpu_demo_lowers_them():
         (["parallel.engine=deepspeed", "parallel.pp=2", "model.num_layers=6"], "parallel.pp"),
         (["parallel.engine=deepspeed", "parallel.zero_stage=4"], "parallel.zero_stage"),
         (["parallel.engine=deepspeed", "parallel.zero_stage=3"], "mtp.memory_efficient=false"),
-        (["parallel.engine=deepspeed", "parallel.zero_stage=2", "parallel.offload_params=true"], "parallel.offload_params"),
+        (
+            ["parallel.engine=deepspeed", "parallel.zero_stage=2", "parallel.offload_params=true"],
+            "parallel.offload_params",
+        ),
         (["parallel.engine=deepspeed", "trainer.init_from=x"], "trainer.init_from"),
         (["trainer.nonfinite=ignore"], "trainer.nonfinite"),
         (["data.num_workers=-1"], "data.num_workers"),
@@ -128,8 +131,18 @@ def test_unknown_key_fails_in_compose_naming_it():
 
 def test_unknown_key_in_a_plain_dict_is_rejected():
     with pytest.raises(Exception, match="nope"):
-        to_config({"model": {"preset": "x", "num_layers": 3, "hidden_size": 8, "num_attention_heads": 2,
-                             "seq_len": 4, "nope": 1}})  # fmt: skip
+        to_config(
+            {
+                "model": {
+                    "preset": "x",
+                    "num_layers": 3,
+                    "hidden_size": 8,
+                    "num_attention_heads": 2,
+                    "seq_len": 4,
+                    "nope": 1,
+                }
+            }
+        )
 
 
 def _presets(group: str) -> list[str]:
@@ -191,7 +204,12 @@ def test_cpu_demo_recipe_is_the_old_make_train_config():
 def test_the_command_line_beats_the_recipe():
     """`make train ARGS="model=small mtp=n1 ..."`: group choices and values given after the recipe win."""
     cfg = compose_config(DEMO, "model=small", "mtp=n1", "trainer.steps=1000")
-    assert (cfg.model.preset, cfg.mtp.n, cfg.trainer.steps, cfg.trainer.micro_batch_size) == ("small", 1, 1000, 16)
+    assert (cfg.model.preset, cfg.mtp.n, cfg.trainer.steps, cfg.trainer.micro_batch_size) == (
+        "small",
+        1,
+        1000,
+        16,
+    )
 
 
 def test_without_a_recipe_the_defaults_apply():
@@ -297,7 +315,9 @@ def test_uneven_pipeline_split():
 
 
 def test_interleaved_schedule_validation():
-    cfg = compose_config("mtp=n1", "model.num_layers=5", "parallel.pp=2", "parallel.vpp=2", "trainer.grad_accum=2")
+    cfg = compose_config(
+        "mtp=n1", "model.num_layers=5", "parallel.pp=2", "parallel.vpp=2", "trainer.grad_accum=2"
+    )
     assert cfg.parallel.vpp == 2  # 4 trunk layers = 2 stages x 2 chunks
     with pytest.raises(ConfigError, match=r"parallel\.vpp=2 .* needs parallel\.pp > 1"):
         compose_config("parallel.vpp=2")

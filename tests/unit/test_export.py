@@ -20,10 +20,17 @@ transformers = pytest.importorskip("transformers")
 def test_export_round_trips_through_transformers(dist_world, synthetic_source, tmp_path, tie, capsys):
     os.environ["HF_HUB_OFFLINE"] = "1"  # a local directory: nothing may be fetched
     overrides = tiny_run_overrides(
-        synthetic_source, tmp_path / "cache", tmp_path / "run",
-        **{"trainer.steps": 2, "model.num_layers": 4, "mtp.n": 3, "model.num_query_groups": 1,
-           "model.tie_embeddings": str(tie).lower()},
-    )  # fmt: skip
+        synthetic_source,
+        tmp_path / "cache",
+        tmp_path / "run",
+        **{
+            "trainer.steps": 2,
+            "model.num_layers": 4,
+            "mtp.n": 3,
+            "model.num_query_groups": 1,
+            "model.tie_embeddings": str(tie).lower(),
+        },
+    )
     trainer = Trainer(compose_config(*overrides))
     result = trainer.fit()
     out = tmp_path / "hf"
@@ -31,7 +38,9 @@ def test_export_round_trips_through_transformers(dist_world, synthetic_source, t
     assert f"exported {result.checkpoint}" in capsys.readouterr().out
 
     config = json.loads((out / "config.json").read_text())
-    assert config["num_hidden_layers"] == 2 and config["mtp_n_heads"] == 3 and config["num_key_value_heads"] == 1
+    assert (
+        config["num_hidden_layers"] == 2 and config["mtp_n_heads"] == 3 and config["num_key_value_heads"] == 1
+    )
     hf = transformers.LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
     model = trainer.engine.module.eval()
     tokens = torch.randint(2, trainer.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -44,7 +53,9 @@ def test_export_round_trips_through_transformers(dist_world, synthetic_source, t
     extra = load_file(out / "mtp_heads.safetensors")  # heads 2 and 3, as Llama layers
     assert len(extra) == 2 * 9
     heads = model.heads.layers  # the export copies the fp32 weights: exact
-    assert torch.equal(extra["mtp_heads.2.self_attn.o_proj.weight"], heads[2].self_attention.linear_proj.weight)
+    assert torch.equal(
+        extra["mtp_heads.2.self_attn.o_proj.weight"], heads[2].self_attention.linear_proj.weight
+    )
     assert torch.equal(extra["mtp_heads.1.mlp.down_proj.weight"], heads[1].mlp.linear_fc2.weight)
 
     tok = transformers.PreTrainedTokenizerFast.from_pretrained(out)

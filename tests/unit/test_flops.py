@@ -74,10 +74,14 @@ def test_peak_flops_on_this_machine_is_positive():
 
 @pytest.mark.parametrize(
     ("name", "bf16", "fp32"),
-    [("NVIDIA H100 80GB HBM3", 989e12, 494.5e12), ("NVIDIA H200", 989e12, 494.5e12),
-     ("NVIDIA A100-SXM4-80GB", 312e12, 156e12), ("NVIDIA A10G", 125e12, 62.5e12),
-     ("Some Future GPU", 100e12, 100e12)],
-)  # fmt: skip
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12, 494.5e12),
+        ("NVIDIA H200", 989e12, 494.5e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12, 156e12),
+        ("NVIDIA A10G", 125e12, 62.5e12),
+        ("Some Future GPU", 100e12, 100e12),
+    ],
+)
 def test_peak_flops_gpu_table(monkeypatch, name, bf16, fp32):
     monkeypatch.setattr(flops.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(flops.torch.cuda, "get_device_name", lambda *a: name)

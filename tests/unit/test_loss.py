@@ -132,7 +132,10 @@ def test_document_boundary_mask_drops_cross_document_targets(dist_world, tiny_mo
     T = tiny_model_cfg.seq_len
     for i in range(n):  # expected counts, position by position
         same_doc = [
-            [bool(valid[b, t + i + 1]) and int(segments[b, t]) == int(segments[b, t + i + 1]) for t in range(T)]
+            [
+                bool(valid[b, t + i + 1]) and int(segments[b, t]) == int(segments[b, t + i + 1])
+                for t in range(T)
+            ]
             for b in range(tokens.shape[0])
         ]
         assert stats_e.count[i].item() == stats_n.count[i].item() == sum(map(sum, same_doc))

@@ -5,21 +5,40 @@ import subprocess
 import pytest
 
 from mtp_pretrain.cli import submit
-from mtp_pretrain.config import SlurmConfig
-from mtp_pretrain.slurm import SubmitError, sbatch_script
+from mtp_pretrain.slurm import SlurmConfig, SubmitError, sbatch_script
 
 
 def test_script_runs_torchrun_per_node_and_requeues_after_a_stop(tmp_path):
-    s = SlurmConfig(nodes=2, procs_per_node=4, gpus_per_node=4, partition="gpu", signal_seconds=300, max_requeues=2,
-                    extra_sbatch=["--exclusive"])  # fmt: skip
+    s = SlurmConfig(
+        nodes=2,
+        procs_per_node=4,
+        gpus_per_node=4,
+        partition="gpu",
+        signal_seconds=300,
+        max_requeues=2,
+        extra_sbatch=["--exclusive"],
+    )
     script = sbatch_script(s, tmp_path / "run", ["mtp=n4", "model=small"])
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid bash
-    for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=4",
-                 "#SBATCH --partition=gpu", "#SBATCH --signal=B:USR1@300", "#SBATCH --requeue", "#SBATCH --exclusive",
-                 f"#SBATCH --output={tmp_path}/run/slurm/%x-%j.out", "trap preempted USR1",
-                 f"touch {tmp_path}/run/STOP", '"$RESTARTS" -lt 2', f"[ ! -e {tmp_path}/run/STOP ]"]:  # fmt: skip
+    for line in [
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --signal=B:USR1@300",
+        "#SBATCH --requeue",
+        "#SBATCH --exclusive",
+        f"#SBATCH --output={tmp_path}/run/slurm/%x-%j.out",
+        "trap preempted USR1",
+        f"touch {tmp_path}/run/STOP",
+        '"$RESTARTS" -lt 2',
+        f"[ ! -e {tmp_path}/run/STOP ]",
+    ]:
         assert line in script, line
-    assert "--nnodes=$SLURM_NNODES --nproc-per-node=4 --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500" in script
+    assert (
+        "--nnodes=$SLURM_NNODES --nproc-per-node=4 --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500"
+        in script
+    )
     assert "srun --kill-on-bad-exit=1 bash -c 'exec python -m torch.distributed.run" in script
     assert f"mtp=n4 model=small trainer.run_dir={tmp_path}/run trainer.resume=auto" in script
     assert "#SBATCH --account" not in script and "#SBATCH --qos" not in script
@@ -63,8 +82,12 @@ def test_the_job_gets_exactly_the_training_overrides(tmp_path, capsys):
     """Request overrides (any Hydra form) compose conf/submit.yaml; the others reach the job as given."""
     run = tmp_path / "run"
     training = ["+experiment=cpu_demo", "mtp=n2", "trainer.steps=7", f"trainer.run_dir={run}"]
-    request = ["slurm.nodes=2", "slurm=default",
-               "slurm.setup='source x; export A=1'", "+slurm.extra_sbatch=[-a]"]
+    request = [
+        "slurm.nodes=2",
+        "slurm=default",
+        "slurm.setup='source x; export A=1'",
+        "+slurm.extra_sbatch=[-a]",
+    ]
     submit(["--dry-run", request[0], training[0], request[1], *training[1:3], *request[2:], training[3]])
     script = (run / "slurm" / "job.sbatch").read_text()
     assert f"-m mtp_pretrain.cli {' '.join(training)} trainer.run_dir={run} trainer.resume=auto'" in script

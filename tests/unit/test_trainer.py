@@ -42,7 +42,9 @@ def test_train_resume_continues_identical_curve(dist_world, synthetic_source, tm
 
     full = Trainer(config(tmp_path / "full")).fit()
     if data == "prebuilt-mix":  # both datasets were read, by both workers, about 3:1
-        readers = torch.load(full.checkpoint / "trainer.pt", weights_only=True)["data"]["loaders"][0]["readers"]
+        readers = torch.load(full.checkpoint / "trainer.pt", weights_only=True)["data"]["loaders"][0][
+            "readers"
+        ]
         assert len(readers) == 2
         counts = [sum(r["samples_per_dataset"][j] for r in readers.values()) for j in (0, 1)]
         assert counts[0] > counts[1] > 0
@@ -92,7 +94,9 @@ def _nan_at_step(trainer: Trainer, step: int) -> None:
 
 
 def test_nonfinite_loss_skip_drops_the_update_and_counts(dist_world, synthetic_source, tmp_path):
-    trainer = Trainer(compose_config(*tiny_run_overrides(synthetic_source, tmp_path / "cache", tmp_path / "run")))
+    trainer = Trainer(
+        compose_config(*tiny_run_overrides(synthetic_source, tmp_path / "cache", tmp_path / "run"))
+    )
     _nan_at_step(trainer, 3)
     params = {}
     train_step = trainer.engine.train_step
@@ -102,8 +106,12 @@ def test_nonfinite_loss_skip_drops_the_update_and_counts(dist_world, synthetic_s
         lr_before = trainer.engine.optimizer.param_groups[0]["lr"]
         result = train_step(*args, **kw)
         after = list(trainer.engine.module.parameters())
-        params[trainer.step + 1] = (all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), lr_before,
-                                    trainer.engine.optimizer.param_groups[0]["lr"], result.nonfinite)  # fmt: skip
+        params[trainer.step + 1] = (
+            all(torch.equal(a, b) for a, b in zip(before, after, strict=True)),
+            lr_before,
+            trainer.engine.optimizer.param_groups[0]["lr"],
+            result.nonfinite,
+        )
         return result
 
     trainer.engine.train_step = recording
@@ -111,17 +119,23 @@ def test_nonfinite_loss_skip_drops_the_update_and_counts(dist_world, synthetic_s
     assert result.nonfinite_steps == 1 and result.step == 6
     unchanged, lr_before, lr_after, nonfinite = params[3]
     assert nonfinite and unchanged and lr_after == lr_before  # no update, the schedule waits
-    assert not any(params[s][0] for s in (2, 4, 5, 6)), params  # the others updated (step 1 runs at warm-up lr 0)
+    assert not any(params[s][0] for s in (2, 4, 5, 6)), (
+        params
+    )  # the others updated (step 1 runs at warm-up lr 0)
     assert all(torch.isfinite(p).all() for p in trainer.engine.module.parameters())
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["nonfinite_steps"] for r in history if r["split"] == "train"] == [0, 0, 1, 1, 1, 1]
 
 
 def test_nonfinite_loss_abort_exits_without_saving(dist_world, synthetic_source, tmp_path):
-    overrides = tiny_run_overrides(synthetic_source, tmp_path / "cache", tmp_path / "run", **{"trainer.nonfinite": "abort"})
+    overrides = tiny_run_overrides(
+        synthetic_source, tmp_path / "cache", tmp_path / "run", **{"trainer.nonfinite": "abort"}
+    )
     trainer = Trainer(compose_config(*overrides))
     _nan_at_step(trainer, 4)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 4 \(trainer.nonfinite=abort\)"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"non-finite loss \(nan\) at step 4 \(trainer.nonfinite=abort\)"
+    ):
         trainer.fit()
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000003"  # nothing after it
     assert not (tmp_path / "run" / "checkpoints" / "step_00000004").exists()
@@ -140,24 +154,43 @@ def test_checkpoint_of_another_model_is_refused_naming_the_difference(dist_world
     foreign.mkdir()
     (foreign / "weights.pt").write_bytes(b"not ours")
     with pytest.raises(CheckpointError, match="no mtp_checkpoint.json"):
-        Trainer(compose_config(*tiny_run_overrides(synthetic_source, cache, run, **{"trainer.resume": str(foreign)})))
+        Trainer(
+            compose_config(
+                *tiny_run_overrides(synthetic_source, cache, run, **{"trainer.resume": str(foreign)})
+            )
+        )
 
 
 def test_init_from_an_n2_checkpoint_finetunes_with_n1(dist_world, synthetic_source, tmp_path):
     """The paper's n' = 1 finetune of an n-head model: the trunk and head 1 carry over, head 2 is dropped."""
     cache = tmp_path / "cache"
-    base = Trainer(compose_config(*tiny_run_overrides(synthetic_source, cache, tmp_path / "n2", **{"trainer.steps": 3}))).fit()
-    overrides = {"mtp.n": 1, "model.num_layers": 2, "trainer.init_from": str(base.checkpoint), "trainer.steps": 2}
-    tuned = Trainer(compose_config(*tiny_run_overrides(synthetic_source, cache, tmp_path / "n1", **overrides)))
+    base = Trainer(
+        compose_config(*tiny_run_overrides(synthetic_source, cache, tmp_path / "n2", **{"trainer.steps": 3}))
+    ).fit()
+    overrides = {
+        "mtp.n": 1,
+        "model.num_layers": 2,
+        "trainer.init_from": str(base.checkpoint),
+        "trainer.steps": 2,
+    }
+    tuned = Trainer(
+        compose_config(*tiny_run_overrides(synthetic_source, cache, tmp_path / "n1", **overrides))
+    )
     assert tuned.step == 0
     saved = load_plain_tensors(str(base.checkpoint))
     model = tuned.engine.module
     got = {k: v for k, v in model.state_dict().items() if "_extra_state" not in k}  # copied weights: exact
     assert torch.equal(got["embedding.word_embeddings.weight"], saved["embedding.word_embeddings.weight"])
-    assert torch.equal(got["heads.layers.0.mlp.linear_fc2.weight"], saved["heads.layers.0.mlp.linear_fc2.weight"])
-    assert torch.equal(got["decoder.layers.0.mlp.linear_fc2.weight"], saved["decoder.layers.mlp.linear_fc2.weight"][0])
+    assert torch.equal(
+        got["heads.layers.0.mlp.linear_fc2.weight"], saved["heads.layers.0.mlp.linear_fc2.weight"]
+    )
+    assert torch.equal(
+        got["decoder.layers.0.mlp.linear_fc2.weight"], saved["decoder.layers.mlp.linear_fc2.weight"][0]
+    )
     result = tuned.fit()
     assert result.step == 2 and len(result.head_losses[0]) == 1
-    with pytest.raises(CheckpointError, match=r"trunk blocks.*checkpoint 1, this run 2; set model.num_layers=2"):
+    with pytest.raises(
+        CheckpointError, match=r"trunk blocks.*checkpoint 1, this run 2; set model.num_layers=2"
+    ):
         bad = {**overrides, "model.num_layers": 3}
         Trainer(compose_config(*tiny_run_overrides(synthetic_source, cache, tmp_path / "n1b", **bad)))

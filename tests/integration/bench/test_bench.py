@@ -4,15 +4,28 @@ import json
 
 from tests.launch import tool as run_tool
 
-TINY_MEMORY = "--vocab 2048 --seq 32 --batch 2 --hidden 32 --heads 2 --trunk-layers 1 --chunk 16 --n 1 2 --repeat 1"
+TINY_MEMORY = (
+    "--vocab 2048 --seq 32 --batch 2 --hidden 32 --heads 2 --trunk-layers 1 --chunk 16 --n 1 2 --repeat 1"
+)
 
 
 def test_suite_writes_json_png_and_the_readme_table(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n<!-- bench:begin -->\nold table\n<!-- bench:end -->\n\nafter\n")
-    args = ["--only", "memory,step", "--out", str(tmp_path / "bench"), "--readme", str(readme),
-            "--args", f"memory_v32k={TINY_MEMORY}", "--args", f"memory_v128k={TINY_MEMORY.replace('2048', '4096')}",
-            "--args", "step=--hidden 32 --heads 2 --trunk-layers 1 --seq 32 --batch 2 --vocab 512 --steps 1"]  # fmt: skip
+    args = [
+        "--only",
+        "memory,step",
+        "--out",
+        str(tmp_path / "bench"),
+        "--readme",
+        str(readme),
+        "--args",
+        f"memory_v32k={TINY_MEMORY}",
+        "--args",
+        f"memory_v128k={TINY_MEMORY.replace('2048', '4096')}",
+        "--args",
+        "step=--hidden 32 --heads 2 --trunk-layers 1 --seq 32 --batch 2 --vocab 512 --steps 1",
+    ]
     run = run_tool("bench.py", *args, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads((tmp_path / "bench" / "results.json").read_text())
@@ -23,5 +36,9 @@ def test_suite_writes_json_png_and_the_readme_table(tmp_path):
     ]
     assert (tmp_path / "bench" / "results.png").stat().st_size > 10_000
     text = readme.read_text()
-    assert "old table" not in text and "| step time n=4 / n=1 (same trunk) |" in text and text.endswith("after\n")
+    assert (
+        "old table" not in text
+        and "| step time n=4 / n=1 (same trunk) |" in text
+        and text.endswith("after\n")
+    )
     assert "this run:" in run.stdout

@@ -16,10 +16,30 @@ def test_loader_rows_and_ratio_to_training_consumption(tmp_path):
         body = "\n".join(f"def f_{i}_{j}(x, y={j}):\n    return x * y + {i}\n" for j in range(8))
         (src / f"mod_{i:03d}.py").write_text(f"import os\n\n{body}\n")
     out = tmp_path / "bench.json"
-    args = ["--source", str(src), "--cache-dir", str(tmp_path / "cache"), "--vocab-size", "300",
-            "--docs-per-shard", "5", "--workers", "0,1", "--seconds", "0.3", "--min-batches", "5",
-            "--train-steps", "3", "--warmup-steps", "1", "--json", str(out),
-            "trainer.micro_batch_size=4", "model.seq_len=64"]  # fmt: skip
+    args = [
+        "--source",
+        str(src),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--vocab-size",
+        "300",
+        "--docs-per-shard",
+        "5",
+        "--workers",
+        "0,1",
+        "--seconds",
+        "0.3",
+        "--min-batches",
+        "5",
+        "--train-steps",
+        "3",
+        "--warmup-steps",
+        "1",
+        "--json",
+        str(out),
+        "trainer.micro_batch_size=4",
+        "model.seq_len=64",
+    ]
     run = run_tool("bench_data.py", *args)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     lines = run.stdout.splitlines()

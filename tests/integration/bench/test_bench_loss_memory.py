@@ -10,8 +10,26 @@ ROW = re.compile(r"^\s*(\d+)\s+(naive|efficient|chunked\(\d+\))\s+([\d.]+)\s+([\
 def test_naive_mtp_peaks_far_above_efficient_and_chunked():
     # Sizes: one head's fp32 logits are 8 MiB, well above the CPU RSS method's noise (< 0.5 MiB);
     # the whole run stays near 20 s on 2 cores. Only n=4 is measured (so the table's reference is n=4).
-    args = ["--vocab", "8192", "--seq", "128", "--batch", "2", "--hidden", "64", "--heads", "4",
-            "--trunk-layers", "1", "--chunk", "32", "--n", "4", "--repeat", "1"]  # fmt: skip
+    args = [
+        "--vocab",
+        "8192",
+        "--seq",
+        "128",
+        "--batch",
+        "2",
+        "--hidden",
+        "64",
+        "--heads",
+        "4",
+        "--trunk-layers",
+        "1",
+        "--chunk",
+        "32",
+        "--n",
+        "4",
+        "--repeat",
+        "1",
+    ]
     run = run_tool("bench_loss_memory.py", *args)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = {

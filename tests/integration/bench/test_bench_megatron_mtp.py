@@ -14,8 +14,26 @@ def test_megatron_mtp_vs_ours_memory_and_time(tmp_path):
     # Tiny sizes: one prediction's fp32 logits are 2 MiB (well above the RSS method's noise); three
     # processes (two memory runs + the timed one) stay near 30 s on 2 cores, mostly imports.
     out = tmp_path / "bench.json"
-    args = ["--hidden", "32", "--heads", "2", "--trunk-layers", "1", "--seq", "64", "--batch", "2",
-            "--vocab", "4096", "--steps", "2", "--warmup", "1", "--json", str(out)]  # fmt: skip
+    args = [
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--trunk-layers",
+        "1",
+        "--seq",
+        "64",
+        "--batch",
+        "2",
+        "--vocab",
+        "4096",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        str(out),
+    ]
     run = run_tool("bench_megatron_mtp.py", *args, timeout=150)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
 

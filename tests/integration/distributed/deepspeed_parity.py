@@ -32,18 +32,24 @@ from tests.integration.distributed.layout_parity import (
 )
 
 N = 4
-RESHARD_SPEC = "2,1"  # ZeRO-2 on 2 ranks: the checkpoint a 1-rank run converts to DeepSpeed's universal format
+RESHARD_SPEC = (
+    "2,1"  # ZeRO-2 on 2 ranks: the checkpoint a 1-rank run converts to DeepSpeed's universal format
+)
 
 
 def run(zero: int, ga: int, tp: int) -> tuple[list[dict], DeepSpeedEngine]:
     cfg = model_cfg(N)
     mtp = MTPConfig(n=N, memory_efficient=zero < 3)  # ZeRO-3 needs the naive loss (see engine/deepspeed.py)
     model = build_model(cfg, mtp, VOCAB, transformer_config(cfg, mtp, tp=tp))
-    engine = DeepSpeedEngine(model, OPTIM, STEPS, ParallelConfig(engine="deepspeed", tp=tp, zero_stage=zero), MICRO, ga)
+    engine = DeepSpeedEngine(
+        model, OPTIM, STEPS, ParallelConfig(engine="deepspeed", tp=tp, zero_stage=zero), MICRO, ga
+    )
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     history = []
     for step in range(STEPS):
-        it = iter([(t, torch.ones_like(t, dtype=torch.bool)) for t in micro_batches(step, N, dp, dp_rank, ga)])
+        it = iter(
+            [(t, torch.ones_like(t, dtype=torch.bool)) for t in micro_batches(step, N, dp, dp_rank, ga)]
+        )
         result = engine.train_step(it, ga, cfg.seq_len, MICRO)
         history.append({"loss": result.loss, **result.head_stats.metrics(), "grad_norm": result.grad_norm})
     return history, engine
@@ -67,7 +73,9 @@ def main() -> None:
             (out / f"{name}-engine").mkdir(exist_ok=True)
             engine.save(out / f"{name}-engine")
         # the model only (DeepSpeed's optimizer state is its own format); ZeRO-3 gathers the partitions first
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None, enabled=zero == 3):
+        with deepspeed.zero.GatheredParameters(
+            list(engine.module.parameters()), modifier_rank=None, enabled=zero == 3
+        ):
             save_run(out, name, {"model": engine.module.sharded_state_dict()}, history)
     parallel.destroy_distributed()
 

@@ -31,9 +31,13 @@ OPTIM = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2, clip_grad=1.0)
 def model_cfg(n: int, tie: bool = False) -> ModelConfig:
     # trunk of 4 layers for n=1 and 2 for n=4: both split evenly over 2 pipeline stages
     return ModelConfig(
-        preset="parity", num_layers=5 if n == 1 else 6, hidden_size=64, num_attention_heads=4, seq_len=16,
+        preset="parity",
+        num_layers=5 if n == 1 else 6,
+        hidden_size=64,
+        num_attention_heads=4,
+        seq_len=16,
         tie_embeddings=tie,
-    )  # fmt: skip
+    )
 
 
 def global_batch(step: int, n: int, rows: int) -> torch.Tensor:
@@ -64,7 +68,14 @@ def build_engine(
 
 
 def run(
-    n: int, tp: int, pp: int, dp: int, ga: int = GA, tie: bool = False, uneven: bool = False, vpp: int | None = None
+    n: int,
+    tp: int,
+    pp: int,
+    dp: int,
+    ga: int = GA,
+    tie: bool = False,
+    uneven: bool = False,
+    vpp: int | None = None,
 ) -> tuple[list[dict], MegatronEngine]:
     engine = build_engine(n, tp, pp, tie, uneven, vpp)
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -74,7 +85,9 @@ def run(
         it = iter([(t, torch.ones_like(t, dtype=torch.bool)) for t in mbs])
         result = engine.train_step(it, ga, model_cfg(n).seq_len, MICRO)
         if result.head_stats is not None:
-            history.append({"loss": result.loss, **result.head_stats.metrics(), "grad_norm": result.grad_norm})
+            history.append(
+                {"loss": result.loss, **result.head_stats.metrics(), "grad_norm": result.grad_norm}
+            )
     return history, engine
 
 
@@ -93,7 +106,9 @@ def main() -> None:
     out = Path(sys.argv[1])
     parallel.init_distributed()  # the world; model-parallel groups are rebuilt per layout below
     world = torch.distributed.get_world_size()
-    for spec in sys.argv[2:]:  # "tp,pp" or "tp,pp,tie" (tied embeddings, n=4) or "tp,pp,uneven" (3+1 layers, n=1)
+    for spec in sys.argv[
+        2:
+    ]:  # "tp,pp" or "tp,pp,tie" (tied embeddings, n=4) or "tp,pp,uneven" (3+1 layers, n=1)
         tp, pp, *flags = spec.split(",")
         tp, pp, tie, uneven = int(tp), int(pp), "tie" in flags, "uneven" in flags
         vpp = 2 if "vpp2" in flags else None
@@ -101,7 +116,9 @@ def main() -> None:
         for n in (4,) if tie else (1,) if uneven or vpp else (1, 4):
             parallel_state.destroy_model_parallel()
             parallel_state.initialize_model_parallel(
-                tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp
+                tensor_model_parallel_size=tp,
+                pipeline_model_parallel_size=pp,
+                virtual_pipeline_model_parallel_size=vpp,
             )
             model_parallel_cuda_manual_seed(0)
             history, engine = run(n, tp, pp, dp, tie=tie, uneven=uneven, vpp=vpp)

@@ -34,7 +34,9 @@ def models(n: int, chunk: int, tie: bool = False):
     out = []
     for efficient in (False, True):
         torch.manual_seed(0)
-        mtp = MTPConfig(n=n, memory_efficient=efficient, chunk_size=chunk, loss_weights=[1.0 + 0.5 * i for i in range(n)])
+        mtp = MTPConfig(
+            n=n, memory_efficient=efficient, chunk_size=chunk, loss_weights=[1.0 + 0.5 * i for i in range(n)]
+        )
         out.append(build_model(cfg, mtp, VOCAB, transformer_config(cfg, mtp, tp=2)))
     return out
 

@@ -28,15 +28,23 @@ def test_every_zero_stage_matches_one_process(dist_world, ds_runs):
         ga, dp = int(name.split("-ga")[1].split("-")[0]), int(name.split("dp")[1])
         if ga * dp not in references:
             history, engine = layout_parity.run(script.N, tp=1, pp=1, dp=1, ga=ga * dp)
-            params = {k: v.detach().clone() for k, v in engine.module.state_dict().items() if "_extra_state" not in k}
+            params = {
+                k: v.detach().clone()
+                for k, v in engine.module.state_dict().items()
+                if "_extra_state" not in k
+            }
             references[ga * dp] = history, params, engine
         ref_history, ref_params, ref_engine = references[ga * dp]
         history = json.loads((ds_runs / f"{name}.json").read_text())
-        loaded = dist_checkpointing.load({"model": ref_engine.module.sharded_state_dict()}, str(ds_runs / name))["model"]
+        loaded = dist_checkpointing.load(
+            {"model": ref_engine.module.sharded_state_dict()}, str(ds_runs / name)
+        )["model"]
         worst = compare_to_reference(name, history, ref_history, loaded, ref_params, layout_parity.OPTIM.lr)
         worst_rel, worst_param = max(worst_rel, worst[0]), max(worst_param, worst[1])
-    print(f"deepspeed vs one process: worst loss / grad norm difference {worst_rel:.1f} eps (relative), "
-          f"worst param diff {worst_param:.2e}")
+    print(
+        f"deepspeed vs one process: worst loss / grad norm difference {worst_rel:.1f} eps (relative), "
+        f"worst param diff {worst_param:.2e}"
+    )
 
 
 def test_deepspeed_checkpoint_resumes_on_another_dp_size_through_universal(dist_world, ds_runs):
@@ -50,10 +58,14 @@ def test_deepspeed_checkpoint_resumes_on_another_dp_size_through_universal(dist_
     name = "zero2-ga1-tp1dp2"
     cfg, mtp = layout_parity.model_cfg(script.N), MTPConfig(n=script.N)
     model = build_model(cfg, mtp, layout_parity.VOCAB, transformer_config(cfg, mtp), seed=7)  # other weights
-    engine = DeepSpeedEngine(model, layout_parity.OPTIM, 10, ParallelConfig(engine="deepspeed", zero_stage=2), 2, 1)
+    engine = DeepSpeedEngine(
+        model, layout_parity.OPTIM, 10, ParallelConfig(engine="deepspeed", zero_stage=2), 2, 1
+    )
     engine.load(ds_runs / f"{name}-engine")
     assert (ds_runs / f".tmp-universal-{name}-engine").is_dir()  # converted beside it, never inside it
-    want = dist_checkpointing.load({"model": engine.module.sharded_state_dict()}, str(ds_runs / name))["model"]
+    want = dist_checkpointing.load({"model": engine.module.sharded_state_dict()}, str(ds_runs / name))[
+        "model"
+    ]
     got = {k: v for k, v in engine.module.state_dict().items() if "_extra_state" not in k}
     for key, value in got.items():
         assert torch.equal(value, want[key]), key

@@ -16,7 +16,10 @@ from tests.integration.distributed.test_tensor_parallel import compare_to_refere
 
 # world 2: TP2, PP2, DP2 (+ PP2 tied, PP2 uneven, PP2 x VPP2 interleaved);
 # world 4: TP2xPP2, DP2xPP2, DP2xTP2 (+ TP2xPP2 tied)
-LAUNCHES = {2: ["2,1", "1,2", "1,1", "1,2,tie", "1,2,uneven", "1,2,vpp2"], 4: ["2,2", "1,2", "2,1", "2,2,tie"]}
+LAUNCHES = {
+    2: ["2,1", "1,2", "1,1", "1,2,tie", "1,2,uneven", "1,2,vpp2"],
+    4: ["2,2", "1,2", "2,1", "2,2,tie"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +29,15 @@ def layout_runs(tmp_path_factory):
 
 def _reference(n: int, dp: int, tie: bool):  # an uneven pipeline split is the same model: no variant here
     history, engine = script.run(n, tp=1, pp=1, dp=1, ga=script.GA * dp, tie=tie)
-    return history, {k: v.detach().clone() for k, v in engine.model.module.state_dict().items() if "_extra_state" not in k}, engine
+    return (
+        history,
+        {
+            k: v.detach().clone()
+            for k, v in engine.model.module.state_dict().items()
+            if "_extra_state" not in k
+        },
+        engine,
+    )
 
 
 @pytest.mark.parametrize("n", [1, 4])
@@ -48,5 +59,7 @@ def test_every_layout_matches_one_process(dist_world, layout_runs, n):
         )["model"]
         worst = compare_to_reference(name, history, ref_history, loaded, ref_params, script.OPTIM.lr)
         worst_rel, worst_param = max(worst_rel, worst[0]), max(worst_param, worst[1])
-    print(f"n={n}: worst loss / grad norm difference {worst_rel:.1f} eps (relative), "
-          f"worst param diff {worst_param:.2e}")
+    print(
+        f"n={n}: worst loss / grad norm difference {worst_rel:.1f} eps (relative), "
+        f"worst param diff {worst_param:.2e}"
+    )

@@ -19,8 +19,14 @@ def runs(tmp_path_factory, synthetic_source):
     out = tmp_path_factory.mktemp("trainer_ranks")
     results = {}
     for world, mode in ((4, "save"), (2, "reshard")):
-        proc = torchrun(world, INTEGRATION / "distributed" / "trainer_ranks.py", mode, str(out), str(synthetic_source),
-                        timeout=600)  # fmt: skip
+        proc = torchrun(
+            world,
+            INTEGRATION / "distributed" / "trainer_ranks.py",
+            mode,
+            str(out),
+            str(synthetic_source),
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         results.update(json.loads((out / f"{mode}.json").read_text()))
     return out, results
@@ -70,9 +76,13 @@ def test_resume_on_another_layout_continues_the_loss(dist_world, runs, synthetic
     out, results = runs
     ref = _losses(results["tp2pp2"])[script.RESUME_AT :]
     worst = {"tp2pp2 -> pp2": _diff(_losses(results["tp2pp2@pp2"]), ref)}
-    worst["tp2dp2 -> tp1dp2"] = _diff(_losses(results["tp2dp2@dp2"]), _losses(results["tp2dp2"])[script.RESUME_AT :])
+    worst["tp2dp2 -> tp1dp2"] = _diff(
+        _losses(results["tp2dp2@dp2"]), _losses(results["tp2dp2"])[script.RESUME_AT :]
+    )
     step3 = out / "tp2pp2" / "checkpoints" / f"step_{script.RESUME_AT:08d}"
-    cfg = compose_config(*script.overrides(synthetic_source, out / "cache", out / "tp2pp2-at-1", **{"trainer.resume": step3}))
+    cfg = compose_config(
+        *script.overrides(synthetic_source, out / "cache", out / "tp2pp2-at-1", **{"trainer.resume": step3})
+    )
     worst["tp2pp2 -> 1"] = _diff(Trainer(cfg).fit().losses, ref)
     print("re-sharded resume, worst loss difference (fp32 eps, relative):", worst)
     # the same weights and Adam state in another TP x PP x DP layout: fp32 sums split differently, and Adam
@@ -86,7 +96,9 @@ def test_resume_with_another_dp_size_redeals_the_data(dist_world, runs, syntheti
     mtp_pretrain.data.reshard.reshard_states; its no-repeat/no-skip property is tests/data/test_loader.py's)."""
     out, results = runs
     step3 = out / "tp2dp2" / "checkpoints" / f"step_{script.RESUME_AT:08d}"
-    cfg = compose_config(*script.overrides(synthetic_source, out / "cache", out / "tp2dp2-at-1", **{"trainer.resume": step3}))
+    cfg = compose_config(
+        *script.overrides(synthetic_source, out / "cache", out / "tp2dp2-at-1", **{"trainer.resume": step3})
+    )
     trainer = Trainer(cfg)
     assert "data readers changed (DP 2 x workers 2 -> DP 1 x workers 2)" in capsys.readouterr().out
     plans = [st["cursors"][0]["plan"] for st in trainer.train_data._states.values()]
@@ -102,10 +114,14 @@ def test_generation_gathers_a_tp2pp2_checkpoint_into_one_process(dist_world, run
 
     out, _ = runs
     step3 = out / "tp2pp2" / "checkpoints" / f"step_{script.RESUME_AT:08d}"
-    cfg = compose_config(*script.overrides(synthetic_source, out / "cache", out / "tp2pp2-gen", **{"trainer.resume": step3}))
+    cfg = compose_config(
+        *script.overrides(synthetic_source, out / "cache", out / "tp2pp2-gen", **{"trainer.resume": step3})
+    )
     model = Trainer(cfg).engine.module.eval()
     decoder = load_model(step3).decoder
-    tokens = torch.randint(2, decoder.cfg.vocab_size, (2, decoder.cfg.context), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(
+        2, decoder.cfg.vocab_size, (2, decoder.cfg.context), generator=torch.Generator().manual_seed(0)
+    )
     ours = decoder(tokens)
     for i, theirs in enumerate(model.head_logits(tokens)):
         assert_same_logits(ours[i], theirs.transpose(0, 1)[..., : decoder.cfg.vocab_size])

@@ -33,8 +33,13 @@ STEPS, RESUME_AT = 6, 3
 
 
 def overrides(source: Path, cache: Path, run_dir: Path, **extra) -> list[str]:
-    base = {"data.num_workers": 2, "trainer.steps": STEPS, "trainer.save_every": RESUME_AT, "trainer.grad_accum": 2,
-            "model.num_layers": 4}  # a trunk of 2 blocks: PP2 splits it
+    base = {
+        "data.num_workers": 2,
+        "trainer.steps": STEPS,
+        "trainer.save_every": RESUME_AT,
+        "trainer.grad_accum": 2,
+        "model.num_layers": 4,
+    }  # a trunk of 2 blocks: PP2 splits it
     return tiny_run_overrides(source, cache, run_dir, **{**base, **extra})
 
 
@@ -83,16 +88,28 @@ def main(mode: str, out: Path, source: Path) -> None:
         parallel.init_distributed(tp=2, pp=1, seed=0)
         results["tp2dp2"] = gather(run(source, cache, out / "tp2dp2", **{"parallel.tp": 2}))
         step3 = out / "tp2dp2" / "checkpoints" / f"step_{RESUME_AT:08d}"
-        results["resumed"] = gather(run(source, cache, out / "resumed", **{"parallel.tp": 2, "trainer.resume": step3}))
+        results["resumed"] = gather(
+            run(source, cache, out / "resumed", **{"parallel.tp": 2, "trainer.resume": step3})
+        )
         results["tp2pp2"] = gather(run(source, cache, out / "tp2pp2", **{"parallel.tp": 2, "parallel.pp": 2}))
         usr1 = {"parallel.tp": 2}
-        results["usr1"] = gather(run(source, cache, out / "usr1", signal_after=2 if parallel.rank() == 1 else None, **usr1))
+        results["usr1"] = gather(
+            run(source, cache, out / "usr1", signal_after=2 if parallel.rank() == 1 else None, **usr1)
+        )
     else:
         parallel.init_distributed(tp=1, pp=2, seed=0)
         ckpt = f"checkpoints/step_{RESUME_AT:08d}"
-        results["tp2pp2@pp2"] = gather(run(source, cache, out / "tp2pp2-at-pp2", **{"parallel.pp": 2,
-                                                                                   "trainer.resume": out / "tp2pp2" / ckpt}))  # fmt: skip
-        results["tp2dp2@dp2"] = gather(run(source, cache, out / "tp2dp2-at-dp2", **{"trainer.resume": out / "tp2dp2" / ckpt}))
+        results["tp2pp2@pp2"] = gather(
+            run(
+                source,
+                cache,
+                out / "tp2pp2-at-pp2",
+                **{"parallel.pp": 2, "trainer.resume": out / "tp2pp2" / ckpt},
+            )
+        )
+        results["tp2dp2@dp2"] = gather(
+            run(source, cache, out / "tp2dp2-at-dp2", **{"trainer.resume": out / "tp2dp2" / ckpt})
+        )
     if parallel.rank() == 0:
         (out / f"{mode}.json").write_text(json.dumps(results))
     parallel.destroy_distributed()

@@ -38,7 +38,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     urls = [str(p) for p in write_shards(docs, root / "shards", max_docs_per_shard=DOCS_PER_SHARD)]
     tok_urls = [
         str(p)
-        for p in write_shards(docs, root / "tokens", max_docs_per_shard=DOCS_PER_SHARD, tokenizer_path=tok_path)
+        for p in write_shards(
+            docs, root / "tokens", max_docs_per_shard=DOCS_PER_SHARD, tokenizer_path=tok_path
+        )
     ]
     tok = load_tokenizer(tok_path)
     per_shard = {
@@ -71,5 +73,3 @@ def doc_ids(tokens: list[int], tok_path: Path) -> list[str]:
             ids.append(m[1])
         part = []
     return ids
-
-

@@ -131,6 +131,8 @@ def test_stdlib_corpus(tmp_path: Path) -> None:
         for part in src.split("/")
     )
     batch = next(
-        PackedBatchStream(c.train_urls, c.tokenizer_path, batch_size=2, sample_len=65, num_readers=2, reader=1)
+        PackedBatchStream(
+            c.train_urls, c.tokenizer_path, batch_size=2, sample_len=65, num_readers=2, reader=1
+        )
     )
     assert batch.shape == (2, 65) and int(batch.max()) < 512

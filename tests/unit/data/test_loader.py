@@ -19,14 +19,24 @@ BATCH, SAMPLE = 2, 20
 
 def loader(data: dict[str, Any], workers: int, dp_rank: int = 0, dp_size: int = 1, **kw: Any) -> BatchLoader:
     return BatchLoader(
-        [Dataset.of(data["urls"])], data["tok"], BATCH, SAMPLE, seed=9, dp_rank=dp_rank, dp_size=dp_size,
-        num_workers=workers, **kw,
-    )  # fmt: skip
+        [Dataset.of(data["urls"])],
+        data["tok"],
+        BATCH,
+        SAMPLE,
+        seed=9,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        num_workers=workers,
+        **kw,
+    )
 
 
 def test_workers_are_readers_taken_round_robin(data: dict[str, Any]) -> None:
     got = take(loader(data, workers=2, dp_rank=1, dp_size=2), 12)
-    readers = [PackedBatchStream(data["urls"], data["tok"], BATCH, SAMPLE, seed=9, reader=r, num_readers=4) for r in (2, 3)]
+    readers = [
+        PackedBatchStream(data["urls"], data["tok"], BATCH, SAMPLE, seed=9, reader=r, num_readers=4)
+        for r in (2, 3)
+    ]
     expected = [next(readers[k % 2]) for k in range(12)]
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     # no workers / one worker: the same single reader
@@ -99,7 +109,9 @@ def test_error_counts_cover_handed_out_batches(data: dict[str, Any], tmp_path) -
     assert ldr.errors["shards_skipped"] >= 1 and ldr.errors["samples_skipped"] == 0
 
 
-@pytest.mark.parametrize(("old", "new"), [((2, 2), (1, 1)), ((2, 2), (3, 1)), ((1, 2), (2, 2)), ((2, 1), (1, 3))])
+@pytest.mark.parametrize(
+    ("old", "new"), [((2, 2), (1, 1)), ((2, 2), (3, 1)), ((1, 2), (2, 2)), ((2, 1), (1, 3))]
+)
 def test_resharded_resume_reads_every_document_once(data: dict[str, Any], old, new) -> None:
     """(dp, workers) -> (dp', workers'): documents read before + after the change = every document once."""
     (dp, w), (dp2, w2) = old, new

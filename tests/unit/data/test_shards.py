@@ -46,7 +46,9 @@ def test_write_and_read_back_with_plain_webdataset(tmp_path: Path) -> None:
     # nothing but the shards and their manifest is left (the temp dir is gone)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json"] + [p.name for p in paths]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["content"] == "text" and manifest["num_samples"] == 25 and manifest["tokenizer_hash"] is None
+    assert (
+        manifest["content"] == "text" and manifest["num_samples"] == 25 and manifest["tokenizer_hash"] is None
+    )
     assert [(s["name"], s["samples"], s["bytes"]) for s in manifest["shards"]] == [
         (p.name, n, p.stat().st_size) for p, n in zip(paths, [10, 10, 5], strict=True)
     ]
@@ -102,13 +104,22 @@ def test_pretokenized_shards_manifest_and_parallel_encoding(tmp_path: Path) -> N
     samples = [s for p in one for s in wds.WebDataset(str(p), shardshuffle=False).decode()]
     assert [s["__key__"] for s in samples] == [d["key"] for d in docs]
     assert [s["tokens.npy"].tolist() for s in samples] == ids
-    assert all(s["tokens.npy"].dtype == np.uint16 and s["json"] == d["meta"] for s, d in zip(samples, docs, strict=True))
+    assert all(
+        s["tokens.npy"].dtype == np.uint16 and s["json"] == d["meta"]
+        for s, d in zip(samples, docs, strict=True)
+    )
     manifest = json.loads((tmp_path / "w1" / "manifest.json").read_text())
     assert manifest["content"] == "tokens" and manifest["tokenizer_hash"] == tokenizer_hash(tok_path)
     assert manifest["num_samples"] == 150 and manifest["num_tokens"] == sum(map(len, ids))
     assert [s["samples"] for s in manifest["shards"]] == [40, 40, 40, 30]
-    assert [s["tokens"] for s in manifest["shards"]] == [sum(map(len, ids[i : i + 40])) for i in range(0, 150, 40)]
-    assert token_dtype(300) == np.uint16 and token_dtype(2**16) == np.uint16 and token_dtype(2**16 + 1) == np.uint32
+    assert [s["tokens"] for s in manifest["shards"]] == [
+        sum(map(len, ids[i : i + 40])) for i in range(0, 150, 40)
+    ]
+    assert (
+        token_dtype(300) == np.uint16
+        and token_dtype(2**16) == np.uint16
+        and token_dtype(2**16 + 1) == np.uint32
+    )
 
 
 def test_pretokenized_shards_refuse_another_tokenizer(tmp_path: Path) -> None:

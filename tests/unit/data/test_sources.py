@@ -76,7 +76,11 @@ def test_prebuilt_shards_are_the_configured_mix(data: dict[str, Any]) -> None:
 def test_validation_sets_need_only_the_validation_shards(data: dict[str, Any], tmp_path: Path) -> None:
     """mtp-eval reads a run's validation set where the training shards and tokenizer file are gone."""
     gone = [str(tmp_path / "deleted" / "shard-000000.tar")]
-    d = DataConfig(datasets=[DatasetConfig(urls=gone)], val_urls=data["tok_urls"][4:], tokenizer=str(tmp_path / "no.json"))
+    d = DataConfig(
+        datasets=[DatasetConfig(urls=gone)],
+        val_urls=data["tok_urls"][4:],
+        tokenizer=str(tmp_path / "no.json"),
+    )
     assert validation_sets(d) == [Dataset(tuple(data["tok_urls"][4:]), 1.0, "val")]
 
 

@@ -66,7 +66,9 @@ def test_readers_split_every_epoch_without_overlap(data: dict[str, Any]) -> None
     for readers in (2, 3, 6):
         for epoch in range(3):
             per_reader = [
-                PackedBatchStream(urls, data["tok"], 1, 8, seed=5, reader=r, num_readers=readers).epoch_shards(epoch)
+                PackedBatchStream(
+                    urls, data["tok"], 1, 8, seed=5, reader=r, num_readers=readers
+                ).epoch_shards(epoch)
                 for r in range(readers)
             ]
             every = [u for shards in per_reader for u in shards]
@@ -91,12 +93,18 @@ def test_resume_is_exact(data: dict[str, Any]) -> None:
     m = 4
     positions = [(st["cursors"][0]["epoch"], st["cursors"][0]["shard_pos"]) for st in states]
     shard_change = [
-        k for k in range(total - m) if positions[k][1] != positions[k + 1][1] and positions[k][0] == positions[k + 1][0]
+        k
+        for k in range(total - m)
+        if positions[k][1] != positions[k + 1][1] and positions[k][0] == positions[k + 1][0]
     ]
     epoch_change = [k for k in range(total - m) if positions[k][0] != positions[k + m][0]]
-    long_buffer = [k for k in range(total - m) if len(states[k]["cursors"][0]["buffer"]) >= 48]  # >1 batch pending
+    long_buffer = [
+        k for k in range(total - m) if len(states[k]["cursors"][0]["buffer"]) >= 48
+    ]  # >1 batch pending
     assert shard_change and epoch_change and long_buffer
-    ks = sorted({0, 1, total - m - 1, *shard_change[:6], *epoch_change, *long_buffer[:3], *range(0, total - m, 9)})
+    ks = sorted(
+        {0, 1, total - m - 1, *shard_change[:6], *epoch_change, *long_buffer[:3], *range(0, total - m, 9)}
+    )
     for k in ks:
         b = PackedBatchStream(data["urls"], data["tok"], **kw)
         b.load_state_dict(json.loads(json.dumps(states[k])))  # plain python types only
@@ -121,7 +129,9 @@ def test_resume_state_mismatch(data: dict[str, Any]) -> None:
 def test_mix_follows_the_weights_exactly_and_resumes(data: dict[str, Any]) -> None:
     other_texts = make_texts(30, tag="oth")
     other = write_shards(
-        [{"key": f"o{i}", "text": t} for i, t in enumerate(other_texts)], data["root"] / "other", max_docs_per_shard=5
+        [{"key": f"o{i}", "text": t} for i, t in enumerate(other_texts)],
+        data["root"] / "other",
+        max_docs_per_shard=5,
     )
     mix = [Dataset.of(data["urls"], 0.75, "main"), Dataset.of([str(p) for p in other], 0.25, "other")]
     s = PackedBatchStream(mix, data["tok"], batch_size=4, sample_len=16, seed=1)
@@ -201,7 +211,9 @@ def _bad_shards(data: dict[str, Any], d: Path) -> dict[str, tuple[str, str]]:
     }
 
 
-def test_every_bad_input_kind_is_skipped_counted_and_named(data: dict[str, Any], tmp_path: Path, caplog) -> None:
+def test_every_bad_input_kind_is_skipped_counted_and_named(
+    data: dict[str, Any], tmp_path: Path, caplog
+) -> None:
     bad = _bad_shards(data, tmp_path)
     good = data["urls"][0]
     expected = data["per_shard"][good]
@@ -225,7 +237,9 @@ def test_bad_input_raises_naming_the_shard_with_on_error_raise(data: dict[str, A
             with pytest.raises(FileNotFoundError, match="missing.tar"):
                 PackedBatchStream([good, url], data["tok"], 1, 8, loop=False, on_error="raise")
             continue
-        s = PackedBatchStream([good, url], data["tok"], 1, 8, loop=False, shuffle_shards=False, on_error="raise")
+        s = PackedBatchStream(
+            [good, url], data["tok"], 1, 8, loop=False, shuffle_shards=False, on_error="raise"
+        )
         with pytest.raises(ShardReadError, match=re.escape(Path(url).name)):
             list(s)
 
@@ -250,7 +264,9 @@ def test_construction_errors(data: dict[str, Any], tmp_path: Path) -> None:
         PackedBatchStream(data["urls"], data["tok"], 1, 8, on_error="ignore")
     with pytest.raises(ValueError, match="weight"):
         Dataset.of(data["urls"], weight=0)
-    with pytest.raises(FileNotFoundError, match="2 of 2 shard.*not found, e.g. .*gone-0.tar"):  # even with skip
+    with pytest.raises(
+        FileNotFoundError, match="2 of 2 shard.*not found, e.g. .*gone-0.tar"
+    ):  # even with skip
         PackedBatchStream([str(tmp_path / "gone-0.tar"), str(tmp_path / "gone-1.tar")], data["tok"], 1, 8)
 
 
@@ -279,4 +295,7 @@ def test_third_party_shards_in_both_directions(data: dict[str, Any], tmp_path: P
     # and our pre-tokenized shards decode with plain webdataset, no project code
     sample = next(iter(wds.WebDataset(data["tok_urls"][0], shardshuffle=False).decode()))
     assert isinstance(sample["tokens.npy"], np.ndarray) and sample["tokens.npy"].dtype == np.uint16
-    assert sample["tokens.npy"].tolist() + [EOS] == data["per_shard"][data["urls"][0]][: sample["tokens.npy"].size + 1]
+    assert (
+        sample["tokens.npy"].tolist() + [EOS]
+        == data["per_shard"][data["urls"][0]][: sample["tokens.npy"].size + 1]
+    )

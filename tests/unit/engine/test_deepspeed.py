@@ -17,15 +17,25 @@ def test_generated_config_sets_clipping_zero_offload_and_merges_raw_json(dist_wo
     p = ParallelConfig(engine="deepspeed", zero_stage=3, offload_optimizer=True, offload_params=True)
     cfg = deepspeed_config(p, OptimConfig(clip_grad=0.0), micro_batch=4, grad_accum=3, bf16=True)
     assert cfg["gradient_clipping"] == 0.0  # not DeepSpeed's default 1.0
-    assert cfg["train_batch_size"] == 12 and cfg["gradient_accumulation_steps"] == 3 and cfg["bf16"]["enabled"]
+    assert (
+        cfg["train_batch_size"] == 12 and cfg["gradient_accumulation_steps"] == 3 and cfg["bf16"]["enabled"]
+    )
     assert cfg["zero_optimization"]["stage"] == 3
     assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
     raw = tmp_path / "ds.json"
     raw.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "steps_per_print": 5}))
-    merged = deepspeed_config(ParallelConfig(engine="deepspeed", zero_stage=1, deepspeed_config=str(raw)),
-                              OptimConfig(), 4, 1, False)  # fmt: skip
-    assert merged["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000} and merged["steps_per_print"] == 5
+    merged = deepspeed_config(
+        ParallelConfig(engine="deepspeed", zero_stage=1, deepspeed_config=str(raw)),
+        OptimConfig(),
+        4,
+        1,
+        False,
+    )
+    assert (
+        merged["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}
+        and merged["steps_per_print"] == 5
+    )
 
 
 def test_the_shared_memory_op_is_never_compiled_on_cpu():

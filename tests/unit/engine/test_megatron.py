@@ -47,7 +47,9 @@ def _assert_same_gradients(got: dict, want: dict, bound: float, step: int) -> No
     for k, g in want.items():
         scale = float(g.abs().max()) or 1.0
         msg = f"step {step}, {k}"
-        torch.testing.assert_close(got[k], g, rtol=0, atol=bound * scale, msg=lambda m, msg=msg: f"{msg}: {m}")
+        torch.testing.assert_close(
+            got[k], g, rtol=0, atol=bound * scale, msg=lambda m, msg=msg: f"{msg}: {m}"
+        )
 
 
 def test_grad_accumulation_equals_one_big_batch(dist_world, tiny_model_cfg):
@@ -67,7 +69,9 @@ def test_grad_accumulation_equals_one_big_batch(dist_world, tiny_model_cfg):
         # the mean loss over 96 positions, summed in two groupings: a few ulps of the loss
         assert abs(r_big.loss - r_acc.loss) <= 16 * EPS32 * abs(r_big.loss)
         # per-head (loss sum, correct, count): counts are exact, loss sums are fp32 sums over 96 positions
-        torch.testing.assert_close(r_big.head_stats.packed(), r_acc.head_stats.packed(), rtol=16 * EPS32, atol=0)
+        torch.testing.assert_close(
+            r_big.head_stats.packed(), r_acc.head_stats.packed(), rtol=16 * EPS32, atol=0
+        )
         # each entry is an fp32 sum of the same per-position contributions in another order (and the
         # two halves' means averaged): a few ulps of the contributions' scale, here bounded by the
         # tensor's largest entry (measured up to 7 ulps of it; 64 leaves room for other kernels)
@@ -81,9 +85,10 @@ def test_full_recompute_gives_the_same_step(dist_world, tiny_model_cfg):
     plain, recompute = _engine(tiny_model_cfg, mtp), _engine(tiny_model_cfg, mtp, recompute=True)
     for s in range(2):
         batch = _tokens(tiny_model_cfg, 3, 2, seed=s)
-        assert _step(plain, [batch], tiny_model_cfg.seq_len).loss == _step(
-            recompute, [batch], tiny_model_cfg.seq_len
-        ).loss
+        assert (
+            _step(plain, [batch], tiny_model_cfg.seq_len).loss
+            == _step(recompute, [batch], tiny_model_cfg.seq_len).loss
+        )
     pa, pb = _params(plain), _params(recompute)
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 

@@ -32,8 +32,23 @@ def test_heldout_metrics_equal_the_trainers_validation(mtp_run):
 
 def test_cli_writes_json_and_a_table(mtp_run, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    evaluate_cli([str(mtp_run.checkpoint), "--batches", "2", "--batch-size", "4", "--prompts", "4",
-                  "--prompt-tokens", "8", "--new-tokens", "16", "--json", str(out)])  # fmt: skip
+    evaluate_cli(
+        [
+            str(mtp_run.checkpoint),
+            "--batches",
+            "2",
+            "--batch-size",
+            "4",
+            "--prompts",
+            "4",
+            "--prompt-tokens",
+            "8",
+            "--new-tokens",
+            "16",
+            "--json",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     assert set(result["heads"]) >= {f"{k}/head{i}" for k in ("loss", "ppl", "acc") for i in range(1, 5)}
     d = result["decoding"]

@@ -57,7 +57,9 @@ def test_speculative_equals_greedy_batch_1_and_batched(mtp_run, dec):
     proposed = [sum(g.stats.proposed[j] for g in single) for j in range(3)]
     accepted = [sum(g.stats.accepted[j] for g in single) for j in range(3)]
     assert all(0 < a < p for a, p in zip(accepted, proposed, strict=True)), (accepted, proposed)
-    assert sum(g.stats.forwards for g in single) < sum(len(r) for r in reference)  # fewer forwards than tokens
+    assert sum(g.stats.forwards for g in single) < sum(
+        len(r) for r in reference
+    )  # fewer forwards than tokens
 
 
 @pytest.mark.parametrize("wrong_at", [None, 0, 1, 2])
@@ -172,8 +174,19 @@ def test_cli_streams_the_completion(mtp_run, tmp_path, capsys, monkeypatch):
     # so the same text exactly (that speculation keeps greedy's tokens is proved above, in float64)
     texts, _ = generate_text(mtp_run.loaded, [prompt, "import os\n"], 24)
     (tmp_path / "p.txt").write_text("import os\n")
-    generate_cli([str(mtp_run.checkpoint), "--prompt", prompt, "--prompt-file", str(tmp_path / "p.txt"),
-                  "--max-new-tokens", "24", "--stats-json", str(tmp_path / "s.json")])  # fmt: skip
+    generate_cli(
+        [
+            str(mtp_run.checkpoint),
+            "--prompt",
+            prompt,
+            "--prompt-file",
+            str(tmp_path / "p.txt"),
+            "--max-new-tokens",
+            "24",
+            "--stats-json",
+            str(tmp_path / "s.json"),
+        ]
+    )
     captured = capsys.readouterr()
     assert captured.out.startswith(texts[0]) and f"--- prompt 1 ---\n{texts[1]}" in captured.out
     assert "[self-speculative]" in captured.err and "tokens/forward" in captured.err
