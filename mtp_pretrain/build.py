@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -12,7 +11,7 @@ from mtp_pretrain.engine.base import Engine
 from mtp_pretrain.engine.megatron import MegatronEngine
 from mtp_pretrain.loss import MTPLoss
 from mtp_pretrain.model.init import init_parameters
-from mtp_pretrain.model.mtp_model import MTPModel
+from mtp_pretrain.model.mtp_model import MTPModel, transformer_config
 from mtp_pretrain.model.vocab import padded_vocab_size
 
 
@@ -68,9 +67,21 @@ def build_pipeline_chunks(
     ]
 
 
-def build_engine(cfg: Config, chunks: list[torch.nn.Module], tconfig: TransformerConfig) -> Engine:
-    """The engine ``parallel.engine`` names (DeepSpeed is imported only when asked for)."""
+def build_engine(cfg: Config, vocab_size: int) -> Engine:
+    """This rank's model chunks (seeded by ``trainer.seed``) in the engine ``parallel.engine`` names
+    (DeepSpeed is imported only when asked for)."""
     t, p = cfg.trainer, cfg.parallel
+    tconfig = transformer_config(
+        cfg.model,
+        cfg.mtp,
+        p.tp,
+        p.pp,
+        bf16=t.bf16,
+        recompute=t.recompute,
+        stage_layers=(p.first_stage_layers, p.last_stage_layers),
+        vpp=p.vpp,
+    )
+    chunks = build_pipeline_chunks(cfg.model, cfg.mtp, vocab_size, tconfig, seed=t.seed)
     if p.engine == "deepspeed":
         from mtp_pretrain.engine.deepspeed import DeepSpeedEngine
 

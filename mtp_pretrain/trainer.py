@@ -18,7 +18,7 @@ import torch
 from megatron.core import parallel_state
 
 from mtp_pretrain import parallel
-from mtp_pretrain.build import build_engine, build_pipeline_chunks
+from mtp_pretrain.build import build_engine
 from mtp_pretrain.checkpoint_manager import CheckpointManager, DataPosition, TrainState
 from mtp_pretrain.config import Config
 from mtp_pretrain.data.loader import BatchLoader
@@ -26,7 +26,6 @@ from mtp_pretrain.data.sources import build_data_sources
 from mtp_pretrain.data.tokenizer import eos_id, load_tokenizer, pad_id
 from mtp_pretrain.engine.base import Batch, NonFiniteLossError, StepResult
 from mtp_pretrain.metrics import MetricsLogger
-from mtp_pretrain.model.mtp_model import transformer_config
 from mtp_pretrain.preemption import StopRequest
 from mtp_pretrain.rng import RNGState
 from mtp_pretrain.step_metrics import StepMetrics
@@ -61,19 +60,7 @@ class Trainer:
         tok = load_tokenizer(self.tokenizer_path)
         self.vocab_size, self.eos, self.pad = tok.get_vocab_size(), eos_id(tok), pad_id(tok)
         torch.manual_seed(t.seed)  # torch's own streams (dropout); weights come from init_parameters(seed)
-        tconfig = transformer_config(
-            cfg.model,
-            cfg.mtp,
-            p.tp,
-            p.pp,
-            bf16=t.bf16,
-            recompute=t.recompute,
-            stage_layers=(p.first_stage_layers, p.last_stage_layers),
-            vpp=p.vpp,
-        )
-        self.engine = build_engine(
-            cfg, build_pipeline_chunks(cfg.model, cfg.mtp, self.vocab_size, tconfig, t.seed), tconfig
-        )
+        self.engine = build_engine(cfg, self.vocab_size)
         dp_rank, dp = parallel_state.get_data_parallel_rank(), self.layout.dp
         self.train_data = BatchLoader(
             sources.train,
