@@ -98,110 +98,103 @@ class MTPLoss:
         h: trunk output [T, B, d]. `unembed` maps [t, B, d] -> vocab-parallel logits [t, B, V/tp] with
         `unembed_weight`. chunk_size > 0 computes the unembedding + CE in sequence chunks of that length.
         """
-        loss, stats = _loss_and_stats(self, h, heads, unembed, unembed_weight, targets, rotary_pos_emb)
-        return loss, HeadStats.unpacked(stats)
+        weights, chunk_size, vocab_limit = self.weights, self.chunk_size, self.vocab_limit
+        seq_len, n = h.shape[0], heads.n
+        per_head = [targets.of_head(i, seq_len) for i in range(n)]
+        # mean over this micro-batch's valid targets; the scale is a constant of the graph, like a loss weight
+        scales = [w / max(int(v.sum()), 1) for w, (_, v) in zip(weights, per_head, strict=True)]
 
+        def head_loss(
+            i: int, z: Tensor, w_grad: Tensor | None
+        ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+            """Head i, one sequence chunk of logits at a time: (CE sum, #correct, y, dL/dy or None).
 
-def _loss_and_stats(  # MTPLoss.__call__'s body: the autograd Function inside returns tensors only
-    settings: MTPLoss,
-    h: Tensor,
-    heads: MTPHeads,
-    unembed: Callable[[Tensor], Tensor],
-    unembed_weight: torch.nn.Parameter,
-    targets: HeadTargets,
-    rotary_pos_emb: Tensor | None,
-) -> tuple[Tensor, Tensor]:
-    """(loss, [n, 3] per-head stats as :meth:`HeadStats.packed` lays them out)."""
-    weights, chunk_size, vocab_limit = settings.weights, settings.chunk_size, settings.vocab_limit
-    seq_len, n = h.shape[0], heads.n
-    per_head = [targets.of_head(i, seq_len) for i in range(n)]
-    # mean over this micro-batch's valid targets; the scale is a constant of the graph, like a loss weight
-    scales = [w / max(int(v.sum()), 1) for w, (_, v) in zip(weights, per_head, strict=True)]
+            With w_grad (the training path) it also backpropagates head i's scaled loss through the shared
+            unembedding by hand: dW += dlogits^T y goes into w_grad in place (addmm_), so the V x d gradient
+            exists once however many heads and chunks add to it (autograd would hand back a fresh V x d
+            tensor per call), and dy = dlogits W, all-reduced across TP like ColumnParallelLinear's input.
+            """
+            tgt, valid = per_head[i]
+            y = heads.forward_head(i, z, rotary_pos_emb)
+            y_det = y.detach()
+            chunks = _chunks(seq_len, chunk_size)
+            # dL/dy: one chunk writes it whole; several fill their slices of one buffer
+            dy = torch.empty_like(y_det) if w_grad is not None and len(chunks) > 1 else None
+            loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+            correct = torch.zeros((), dtype=torch.long, device=h.device)
+            for sl in chunks:
+                if w_grad is None:
+                    ce_sum, c = _chunk_ce(unembed(y_det[sl]), tgt[sl], valid[sl], vocab_limit)
+                else:
+                    y_c = y_det[sl]
+                    with torch.no_grad():
+                        logits = F.linear(y_c, unembed_weight)
+                    logits.requires_grad_()
+                    ce_sum, c = _chunk_ce(logits, tgt[sl], valid[sl], vocab_limit)
+                    (g_logits,) = torch.autograd.grad(ce_sum * scales[i], logits)
+                    with torch.no_grad():  # with a graph, dy would keep every chunk's g_logits alive
+                        g2 = g_logits.flatten(0, 1)
+                        w_grad.addmm_(g2.t(), y_c.flatten(0, 1))
+                        dy_c = (g2 @ unembed_weight).view_as(y_c)
+                        if dy is None:
+                            dy = dy_c
+                        else:
+                            dy[sl] = dy_c
+                    # the CE graph reaches the logits leaf through its AccumulateGrad node: drop it now
+                    ce_sum = ce_sum.detach()
+                    del logits, g_logits, g2
+                loss_sum, correct = loss_sum + ce_sum.detach().float(), correct + c
+            if dy is not None and parallel_state.get_tensor_model_parallel_world_size() > 1:
+                torch.distributed.all_reduce(dy, group=parallel_state.get_tensor_model_parallel_group())
+            return loss_sum, correct, y, dy
 
-    def head_loss(i: int, z: Tensor, w_grad: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """Head i, one sequence chunk of logits at a time: (CE sum, #correct, y, dL/dy or None).
+        def stats_of(rows: list[tuple[Tensor, Tensor]]) -> Tensor:
+            counts = [v.sum() for _, v in per_head]
+            return torch.stack(
+                [torch.stack([s, c.float(), k.float()]) for (s, c), k in zip(rows, counts, strict=True)]
+            )
 
-        With w_grad (the training path) it also backpropagates head i's scaled loss through the shared
-        unembedding by hand: dW += dlogits^T y goes into w_grad in place (addmm_), so the V x d gradient
-        exists once however many heads and chunks add to it (autograd would hand back a fresh V x d
-        tensor per call), and dy = dlogits W, all-reduced across TP like ColumnParallelLinear's input.
-        """
-        tgt, valid = per_head[i]
-        y = heads.forward_head(i, z, rotary_pos_emb)
-        y_det = y.detach()
-        chunks = _chunks(seq_len, chunk_size)
-        # dL/dy: one chunk writes it whole; several fill their slices of one buffer
-        dy = torch.empty_like(y_det) if w_grad is not None and len(chunks) > 1 else None
-        loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
-        correct = torch.zeros((), dtype=torch.long, device=h.device)
-        for sl in chunks:
-            if w_grad is None:
-                ce_sum, c = _chunk_ce(unembed(y_det[sl]), tgt[sl], valid[sl], vocab_limit)
-            else:
-                y_c = y_det[sl]
-                with torch.no_grad():
-                    logits = F.linear(y_c, unembed_weight)
-                logits.requires_grad_()
-                ce_sum, c = _chunk_ce(logits, tgt[sl], valid[sl], vocab_limit)
-                (g_logits,) = torch.autograd.grad(ce_sum * scales[i], logits)
-                with torch.no_grad():  # with a graph, dy would keep every chunk's g_logits alive
-                    g2 = g_logits.flatten(0, 1)
-                    w_grad.addmm_(g2.t(), y_c.flatten(0, 1))
-                    dy_c = (g2 @ unembed_weight).view_as(y_c)
-                    if dy is None:
-                        dy = dy_c
-                    else:
-                        dy[sl] = dy_c
-                # the CE graph reaches the logits leaf through its AccumulateGrad node: drop it now
-                ce_sum = ce_sum.detach()
-                del logits, g_logits, g2
-            loss_sum, correct = loss_sum + ce_sum.detach().float(), correct + c
-        if dy is not None and parallel_state.get_tensor_model_parallel_world_size() > 1:
-            torch.distributed.all_reduce(dy, group=parallel_state.get_tensor_model_parallel_group())
-        return loss_sum, correct, y, dy
+        def total_loss(rows: list[tuple[Tensor, Tensor]]) -> Tensor:
+            return sum(s * sc for (s, _), sc in zip(rows, scales, strict=True))
 
-    def stats_of(rows: list[tuple[Tensor, Tensor]]) -> Tensor:
-        counts = [v.sum() for _, v in per_head]
-        return torch.stack(
-            [torch.stack([s, c.float(), k.float()]) for (s, c), k in zip(rows, counts, strict=True)]
+        if not torch.is_grad_enabled():  # evaluation: no graph, one head's logits chunk alive at a time
+            rows = [head_loss(i, h, w_grad=None)[:2] for i in range(n)]
+            return total_loss(rows), HeadStats.unpacked(stats_of(rows))
+
+        if not self.memory_efficient:  # the reference: every head's logits stay alive in one graph
+            rows, terms = [], []
+            for i in range(n):
+                tgt, valid = per_head[i]
+                ce_sum, c = _chunk_ce(
+                    unembed(heads.forward_head(i, h, rotary_pos_emb)), tgt, valid, vocab_limit
+                )
+                terms.append(ce_sum * scales[i])
+                rows.append((ce_sum.detach().float(), c))
+            return sum(terms), HeadStats.unpacked(stats_of(rows))
+
+        params = list(
+            {id(p): p for i in range(n) for p in [unembed_weight, *heads.head_parameters(i)]}.values()
         )
 
-    def total_loss(rows: list[tuple[Tensor, Tensor]]) -> Tensor:
-        return sum(s * sc for (s, _), sc in zip(rows, scales, strict=True))
+        def compute(h_in: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor, list]:
+            z = h_in.detach().requires_grad_()
+            slot = {id(p): k for k, p in enumerate(params)}
+            grads: list[Tensor | None] = [None] * len(params)
+            grads[slot[id(unembed_weight)]] = w_grad = torch.zeros_like(unembed_weight)
+            grad_z = torch.zeros_like(z)
+            rows = []
+            for i in range(n):
+                loss_sum, correct, y, dy = head_loss(i, z, w_grad)
+                rows.append((loss_sum, correct))
+                own = heads.head_parameters(i)
+                g = torch.autograd.grad(y, [z, *own], grad_outputs=dy, allow_unused=True)
+                grad_z += g[0]
+                for p, gp in zip(own, g[1:], strict=True):
+                    k = slot[id(p)]
+                    if gp is not None:
+                        grads[k] = gp if grads[k] is None else grads[k].add_(gp)  # in place: no 2nd copy
+                del y, dy, g
+            return total_loss(rows).detach(), stats_of(rows), grad_z, grads
 
-    if not torch.is_grad_enabled():  # evaluation: no graph, one head's logits chunk alive at a time
-        rows = [head_loss(i, h, w_grad=None)[:2] for i in range(n)]
-        return total_loss(rows), stats_of(rows)
-
-    if not settings.memory_efficient:  # the reference: every head's logits stay alive in one graph
-        rows, terms = [], []
-        for i in range(n):
-            tgt, valid = per_head[i]
-            ce_sum, c = _chunk_ce(unembed(heads.forward_head(i, h, rotary_pos_emb)), tgt, valid, vocab_limit)
-            terms.append(ce_sum * scales[i])
-            rows.append((ce_sum.detach().float(), c))
-        return sum(terms), stats_of(rows)
-
-    params = list({id(p): p for i in range(n) for p in [unembed_weight, *heads.head_parameters(i)]}.values())
-
-    def compute(h_in: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor, list]:
-        z = h_in.detach().requires_grad_()
-        slot = {id(p): k for k, p in enumerate(params)}
-        grads: list[Tensor | None] = [None] * len(params)
-        grads[slot[id(unembed_weight)]] = w_grad = torch.zeros_like(unembed_weight)
-        grad_z = torch.zeros_like(z)
-        rows = []
-        for i in range(n):
-            loss_sum, correct, y, dy = head_loss(i, z, w_grad)
-            rows.append((loss_sum, correct))
-            own = heads.head_parameters(i)
-            g = torch.autograd.grad(y, [z, *own], grad_outputs=dy, allow_unused=True)
-            grad_z += g[0]
-            for p, gp in zip(own, g[1:], strict=True):
-                k = slot[id(p)]
-                if gp is not None:
-                    grads[k] = gp if grads[k] is None else grads[k].add_(gp)  # in place: no 2nd copy
-            del y, dy, g
-        return total_loss(rows).detach(), stats_of(rows), grad_z, grads
-
-    return _DetachedHeadsLoss.apply(h, compute, *params)
+        loss, stats = _DetachedHeadsLoss.apply(h, compute, *params)  # a Function returns tensors only
+        return loss, HeadStats.unpacked(stats)

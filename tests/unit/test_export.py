@@ -11,7 +11,7 @@ from mtp_pretrain.cli import export
 from mtp_pretrain.data.tokenizer import load_tokenizer
 from mtp_pretrain.trainer import Trainer
 from tests.conftest import compose_config, tiny_run_overrides
-from tests.unit.inference.test_model import assert_same_logits
+from tests.numerics import assert_same_logits
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,17 +9,9 @@ from mtp_pretrain.build import build_model
 from mtp_pretrain.config import ModelConfig, MTPConfig
 from mtp_pretrain.model.mtp_model import transformer_config
 from mtp_pretrain.targets import target_mask
+from tests.numerics import EPS32, assert_same_gradient
 
 VOCAB = 256
-EPS32 = torch.finfo(torch.float32).eps
-
-
-def assert_same_gradient(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
-    """The same per-position products summed in another order (per head and chunk, dW accumulated by hand):
-    fp32 reordering noise of the summands' size, bounded by the tensor's largest entry (measured up to 12
-    ulps of it on AVX-512, AVX2 and scalar kernels; 64 leaves room), also for entries that cancel to ~0."""
-    scale = float(want.abs().max()) or 1.0
-    torch.testing.assert_close(got, want, rtol=0, atol=64 * EPS32 * scale, msg=lambda m: f"{name}: {m}")
 
 
 def _models(cfg: ModelConfig, n: int, chunk: int, tie: bool = False):

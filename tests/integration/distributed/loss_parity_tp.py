@@ -16,7 +16,7 @@ from mtp_pretrain import parallel
 from mtp_pretrain.build import build_model
 from mtp_pretrain.config import ModelConfig, MTPConfig
 from mtp_pretrain.model.mtp_model import transformer_config
-from tests.unit.test_loss import EPS32, assert_same_gradient
+from tests.numerics import EPS32, assert_same_gradient
 
 VOCAB = 256
 CFG = ModelConfig(preset="test", num_layers=5, hidden_size=64, num_attention_heads=4, seq_len=24)

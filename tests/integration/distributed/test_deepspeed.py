@@ -1,15 +1,13 @@
 """DeepSpeed engine parity: ZeRO 1/2/3 (2 ranks) and TP2 x DP2 (4 ranks), grad accumulation 1 and 2, give the
 single-process run's per-head losses and parameters (fp32). One torchrun launch per world size."""
 
-import json
-
 import pytest
 import torch
 from megatron.core import dist_checkpointing
 
 from tests.integration.distributed import deepspeed_parity as script
 from tests.integration.distributed import layout_parity
-from tests.integration.distributed.test_tensor_parallel import compare_to_reference, launch_all
+from tests.integration.distributed.parity import compare_to_reference, launch_all, load_run
 
 LAUNCHES = {2: ["1,1", "1,2", "2,1", "2,2", "3,1", "3,2"], 4: ["1,2,tp2", "2,1,tp2"]}
 
@@ -35,10 +33,7 @@ def test_every_zero_stage_matches_one_process(dist_world, ds_runs):
             }
             references[ga * dp] = history, params, engine
         ref_history, ref_params, ref_engine = references[ga * dp]
-        history = json.loads((ds_runs / f"{name}.json").read_text())
-        loaded = dist_checkpointing.load(
-            {"model": ref_engine.module.sharded_state_dict()}, str(ds_runs / name)
-        )["model"]
+        history, loaded = load_run(ds_runs, name, ref_engine.module)
         worst = compare_to_reference(name, history, ref_history, loaded, ref_params, layout_parity.OPTIM.lr)
         worst_rel, worst_param = max(worst_rel, worst[0]), max(worst_param, worst[1])
     print(

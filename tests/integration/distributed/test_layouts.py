@@ -6,13 +6,10 @@ process runs the single-process reference on the same global batches and loads e
 dist_checkpointing save into its own TP1/PP1 model (resharding) to compare every parameter.
 """
 
-import json
-
 import pytest
-from megatron.core import dist_checkpointing
 
 from tests.integration.distributed import layout_parity as script
-from tests.integration.distributed.test_tensor_parallel import compare_to_reference, launch_all
+from tests.integration.distributed.parity import compare_to_reference, launch_all, load_run
 
 # world 2: TP2, PP2, DP2 (+ PP2 tied, PP2 uneven, PP2 x VPP2 interleaved);
 # world 4: TP2xPP2, DP2xPP2, DP2xTP2 (+ TP2xPP2 tied)
@@ -52,11 +49,8 @@ def test_every_layout_matches_one_process(dist_world, layout_runs, n):
         if (dp, tie) not in references:
             references[(dp, tie)] = _reference(n, dp, tie)
         ref_history, ref_params, ref_engine = references[(dp, tie)]
-        history = json.loads((layout_runs / f"{name}.json").read_text())
+        history, loaded = load_run(layout_runs, name, ref_engine.model.module)
         assert len(history) == script.STEPS
-        loaded = dist_checkpointing.load(
-            {"model": ref_engine.model.module.sharded_state_dict()}, str(layout_runs / name)
-        )["model"]
         worst = compare_to_reference(name, history, ref_history, loaded, ref_params, script.OPTIM.lr)
         worst_rel, worst_param = max(worst_rel, worst[0]), max(worst_param, worst[1])
     print(

@@ -9,9 +9,7 @@ from mtp_pretrain.trainer import Trainer
 from tests.conftest import compose_config
 from tests.integration.distributed import trainer_ranks as script
 from tests.launch import INTEGRATION, torchrun
-from tests.unit.inference.test_model import assert_same_logits
-
-EPS32 = torch.finfo(torch.float32).eps
+from tests.numerics import EPS32, assert_same_logits
 
 
 @pytest.fixture(scope="module")

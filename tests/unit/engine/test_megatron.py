@@ -6,6 +6,7 @@ from mtp_pretrain.build import build_model
 from mtp_pretrain.config import ModelConfig, MTPConfig, OptimConfig
 from mtp_pretrain.engine.megatron import MegatronEngine
 from mtp_pretrain.model.mtp_model import transformer_config
+from tests.numerics import EPS32, EPS_BF16, assert_within_ulps
 
 VOCAB = 256
 
@@ -33,23 +34,15 @@ def _params(engine: MegatronEngine) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().clone() for k, v in engine.model.module.named_parameters()}
 
 
-EPS32 = torch.finfo(torch.float32).eps
-EPS_BF16 = torch.finfo(torch.bfloat16).eps  # 7.8e-3
-
-
 def _grads(engine: MegatronEngine) -> dict[str, torch.Tensor]:
     """This step's gradients as megatron DDP reduced them (main_grad is only cleared by the next step)."""
     return {k: p.main_grad.detach().clone() for k, p in engine.model.module.named_parameters()}
 
 
-def _assert_same_gradients(got: dict, want: dict, bound: float, step: int) -> None:
-    """Every tensor of ``got`` within ``bound`` times the largest entry of the same tensor of ``want``."""
+def _assert_same_gradients(got: dict, want: dict, ulps: float, eps: float, step: int) -> None:
+    """Every tensor of ``got`` within ``ulps`` of the largest entry of the same tensor of ``want``."""
     for k, g in want.items():
-        scale = float(g.abs().max()) or 1.0
-        msg = f"step {step}, {k}"
-        torch.testing.assert_close(
-            got[k], g, rtol=0, atol=bound * scale, msg=lambda m, msg=msg: f"{msg}: {m}"
-        )
+        assert_within_ulps(got[k], g, ulps, eps, name=f"step {step}, {k}")
 
 
 def test_grad_accumulation_equals_one_big_batch(dist_world, tiny_model_cfg):
@@ -75,7 +68,7 @@ def test_grad_accumulation_equals_one_big_batch(dist_world, tiny_model_cfg):
         # each entry is an fp32 sum of the same per-position contributions in another order (and the
         # two halves' means averaged): a few ulps of the contributions' scale, here bounded by the
         # tensor's largest entry (measured up to 7 ulps of it; 64 leaves room for other kernels)
-        _assert_same_gradients(_grads(acc), _grads(big), 64 * EPS32, s)
+        _assert_same_gradients(_grads(acc), _grads(big), 64, EPS32, s)
 
 
 def test_full_recompute_gives_the_same_step(dist_world, tiny_model_cfg):
@@ -111,7 +104,7 @@ def test_bf16_step_matches_fp32_to_bf16_precision(dist_world, tiny_model_cfg):
         assert abs(r16.loss - r32.loss) <= EPS_BF16 * r32.loss
         # bf16 rounding of weights and activations through 5 blocks: measured up to 2.1 bf16 eps of each
         # tensor's largest entry (AMX, AVX2 and scalar kernels alike); 8 (6% of it) leaves room
-        _assert_same_gradients(_grads(bf16), _grads(fp32), 8 * EPS_BF16, s)
+        _assert_same_gradients(_grads(bf16), _grads(fp32), 8, EPS_BF16, s)
 
 
 def test_bf16_trains(dist_world, tiny_model_cfg):

@@ -6,20 +6,11 @@ import torch
 from mtp_pretrain.checkpoint import CheckpointError
 from mtp_pretrain.cli import export
 from mtp_pretrain.inference.weights import load_model, resolve
-
-EPS32 = torch.finfo(torch.float32).eps
+from tests.numerics import assert_same_logits
 
 
 def _tokens(vocab: int, shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
     return torch.randint(2, vocab, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def assert_same_logits(got: torch.Tensor, want: torch.Tensor) -> None:
-    """The same fp32 function computed in another order (another implementation of megatron's modules, or
-    other query blocks): reordered sums of 64- to 256-long products through a few blocks, a few ulps of the
-    logits' largest magnitude (measured up to 5.2 on AVX-512, AVX2 and scalar kernels); 64 leaves room, for
-    every logit alike."""
-    torch.testing.assert_close(got, want, rtol=0, atol=64 * EPS32 * float(want.abs().max()))
 
 
 def test_every_head_matches_the_training_model(mtp_run):
