@@ -86,6 +86,9 @@ start() {
   install
   stop
   trap 'echo "slurm_test_cluster: start failed, cleaning up" >&2; stop' ERR
+  # a fresh cluster every start: jobs an earlier (killed or failed) run left in the controller's saved
+  # state would hold the nodes and keep them from becoming idle
+  rm -rf "$STATE/ctld" "$STATE"/spool-node*
   mkdir -p "$STATE/munge" "$STATE/ctld" "$STATE/spool-node1" "$STATE/spool-node2"
   chmod 0755 "$STATE/munge"
   [ -f "$STATE/munge.key" ] || { dd if=/dev/urandom of="$STATE/munge.key" bs=1024 count=1 2>/dev/null; chmod 0400 "$STATE/munge.key"; }

@@ -39,11 +39,11 @@ def cluster():
     run(["bash", str(script), "stop"], env=_env(), timeout=60)
 
 
-def _overrides(source: Path, root: Path, run: str) -> list[str]:
+def _overrides(source: Path, root: Path, name: str) -> list[str]:
     return tiny_run_overrides(
         source,
         root / "cache",
-        root / run,
+        root / name,
         **{"trainer.steps": STEPS, "trainer.save_every": 2, "logging.plot": "false"},
     )
 
@@ -112,11 +112,11 @@ def test_two_node_job_matches_local_torchrun(uninterrupted, synthetic_source):
 
 def test_usr1_preemption_saves_requeues_and_finishes_identically(dist_world, uninterrupted, synthetic_source):
     root = uninterrupted
-    run = root / "preempted"
+    run_dir = root / "preempted"
     job = _submit(_overrides(synthetic_source, root, "preempted"))
     end = time.time() + 300
     while time.time() < end:  # preempt once training is under way
-        history = run / "metrics.jsonl"
+        history = run_dir / "metrics.jsonl"
         if history.is_file() and any(
             json.loads(line)["step"] >= 2 for line in history.read_text().splitlines()
         ):
@@ -124,13 +124,13 @@ def test_usr1_preemption_saves_requeues_and_finishes_identically(dist_world, uni
         time.sleep(1)
     run(["scancel", "--signal=USR1", "--batch", job], env=_env(), check=True)
     info = _wait(job)
-    log = "".join(p.read_text() for p in (run / "slurm").glob("*.out"))
+    log = "".join(p.read_text() for p in (run_dir / "slurm").glob("*.out"))
     assert info["JobState"] == "COMPLETED", log[-4000:]
     assert info["Restarts"] == "1" and "requeueing" in log and "resumed from" in log
     # no step lost past the checkpoint, bit-identical: the same job resumed on this machine (see test_faults)
-    assert _losses(run) == _losses(root / "job")
+    assert _losses(run_dir) == _losses(root / "job")
     final = f"checkpoints/step_{STEPS:08d}"
-    want, got = load_plain_tensors(str(root / "job" / final)), load_plain_tensors(str(run / final))
+    want, got = load_plain_tensors(str(root / "job" / final)), load_plain_tensors(str(run_dir / final))
     assert all(torch.equal(got[k], v) for k, v in want.items() if isinstance(v, torch.Tensor))
 
 
