@@ -13,15 +13,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mtp_pretrain.processes import child_env
+
 ROOT = Path(__file__).resolve().parents[1]
 INTEGRATION = ROOT / "tests" / "integration"
-# torch.distributed / torchrun variables
-_DROP = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without the variables above, plus ``extra``; the repo on PYTHONPATH."""
-    env = {k: v for k, v in os.environ.items() if k not in _DROP}
+    """This process's environment without the torch.distributed variables (processes.child_env), plus
+    ``extra``; the repo on PYTHONPATH."""
+    env = child_env()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env.update(extra)
     return env

@@ -53,8 +53,9 @@ from mtp_pretrain import compat
 from mtp_pretrain.bench.memory import PeakMemory
 from mtp_pretrain.bench.models import bench_model, on_device, shape_config, train_on
 from mtp_pretrain.bench.options import add_shape_args, bench_parser, report
-from mtp_pretrain.bench.process import MMAP_THRESHOLD, child_env, distributed_world
+from mtp_pretrain.bench.process import MMAP_THRESHOLD, distributed_world
 from mtp_pretrain.bench.timing import interleaved
+from mtp_pretrain.processes import child_env
 from mtp_pretrain.targets import HeadStats
 
 MODELS = ("ours", "megatron")

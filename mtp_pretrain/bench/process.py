@@ -1,5 +1,5 @@
-"""How a benchmark's processes are set up: clean child environments, glibc's mmap threshold, a torchrun
-re-launch, and the torch.distributed world around the measurement.
+"""How a benchmark's processes are set up: glibc's mmap threshold, a torchrun re-launch, and the
+torch.distributed world around the measurement (children get mtp_pretrain.processes.child_env).
 
 Imports nothing heavy at module level: ``pin_mmap_threshold`` runs before torch loads.
 """
@@ -16,19 +16,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mtp_pretrain.parallel import Layout
 
-# torch.distributed variables a launcher sets; a child that inherited them would join the parent's world
-DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # glibc serves every allocation above this many bytes with its own mmap, returned to the OS when freed, so
 # the resident set follows live tensor bytes: what the CPU peak-memory method (memory.py) reads
 MMAP_THRESHOLD = "65536"
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """This process's environment without the torch.distributed variables (each child a world of its own),
-    plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env.update(extra)
-    return env
 
 
 def mmap_threshold_pinned() -> bool:

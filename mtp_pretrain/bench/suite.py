@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from mtp_pretrain.bench.options import bench_parser, write_json
-from mtp_pretrain.bench.process import child_env
+from mtp_pretrain.processes import child_env
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tools"

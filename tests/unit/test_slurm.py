@@ -1,11 +1,10 @@
 """mtp-submit writes a valid sbatch script (the real-cluster tests are issue 7's)."""
 
-import subprocess
-
 import pytest
 
 from mtp_pretrain.cli import submit
 from mtp_pretrain.slurm import SlurmConfig, SubmitError, sbatch_script
+from tests.launch import run
 
 
 def test_script_runs_torchrun_per_node_and_requeues_after_a_stop(tmp_path):
@@ -19,7 +18,7 @@ def test_script_runs_torchrun_per_node_and_requeues_after_a_stop(tmp_path):
         extra_sbatch=["--exclusive"],
     )
     script = sbatch_script(s, tmp_path / "run", ["mtp=n4", "model=small"])
-    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid bash
+    assert run(["bash", "-n"], input=script).returncode == 0  # valid bash
     for line in [
         "#SBATCH --nodes=2",
         "#SBATCH --ntasks-per-node=1",

@@ -1,4 +1,4 @@
-"""The benchmarks' process set-up: clean child environments, the mmap-threshold re-exec, the torchrun
+"""The benchmarks' process set-up: the mmap-threshold re-exec, the torchrun
 re-launch and the world around a measurement (all without starting a process)."""
 
 import sys
@@ -7,15 +7,6 @@ import pytest
 
 from mtp_pretrain import parallel
 from mtp_pretrain.bench import process
-
-
-def test_child_env_drops_the_launcher_variables_and_adds_extra(monkeypatch):
-    for var in process.DIST_VARS:
-        monkeypatch.setenv(var, "1")
-    monkeypatch.setenv("KEEP_ME", "yes")
-    env = process.child_env(EXTRA="x")
-    assert not set(process.DIST_VARS) & set(env)
-    assert env["KEEP_ME"] == "yes" and env["EXTRA"] == "x"
 
 
 def test_pin_mmap_threshold_reexecutes_the_command_line_once(monkeypatch):
