@@ -2,9 +2,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv train test test-fast lint bench bench-memory bench-data bench-decode
+.PHONY: venv train test test-fast lint bench bench-memory bench-data bench-decode gpu-wheels
+
+# The environment (tools/bootstrap.sh). On an image that already has CUDA torch:
+# `MTP_SYSTEM_TORCH=1 PYTHON=python3 make venv` keeps that torch (README: On a GPU cluster).
 venv:
-	@bash tools/bootstrap.sh
+	@VENV=$(VENV) bash tools/bootstrap.sh
 
 # Main job: the CPU demo recipe (conf/experiment/cpu_demo.yaml): n=4 tiny MTP model on the embedded
 # Python-stdlib corpus, CPU, a few minutes.
@@ -38,3 +41,7 @@ bench-data: venv
 # Greedy vs self-speculative decoding of the main job's model (make train first).
 bench-decode: venv
 	$(PY) tools/bench_decode.py $(ARGS)
+
+# The wheels the GPU machine's CUDA image lacks (tools/gpu_wheels.txt) into .whl/, for tools/gpu_check.sh.
+gpu-wheels: venv
+	@bash tools/gpu_wheels.sh

@@ -10,6 +10,7 @@ from mtp_pretrain.config import Config, ModelConfig, MTPConfig
 from mtp_pretrain.engine.base import Engine
 from mtp_pretrain.engine.megatron import MegatronEngine
 from mtp_pretrain.loss import MTPLoss
+from mtp_pretrain.model.attention import layer_spec
 from mtp_pretrain.model.init import init_parameters
 from mtp_pretrain.model.mtp_model import MTPModel, transformer_config
 from mtp_pretrain.model.vocab import padded_vocab_size
@@ -26,8 +27,9 @@ def build_model(
     vp_stage: int | None = None,
 ) -> MTPModel:
     """The model (or this rank's pipeline stage of it) from the structured config, initialised from `seed`
-    identically under every parallel layout. ``vocab_size`` is the tokenizer's; the embedding and unembedding
-    are padded to a multiple of 128 x TP (megatron's rule), and the padding ids never get probability."""
+    identically under every parallel layout, its blocks with the core attention ``model.attention`` names.
+    ``vocab_size`` is the tokenizer's; the embedding and unembedding are padded to a multiple of 128 x TP
+    (megatron's rule), and the padding ids never get probability."""
     mtp_model = MTPModel(
         config,
         vocab_size=padded_vocab_size(vocab_size, config.tensor_model_parallel_size),
@@ -39,6 +41,7 @@ def build_model(
         tie_embeddings=model.tie_embeddings,
         rotary_base=model.rotary_base,
         loss_fn=MTPLoss.from_config(mtp, vocab_limit=vocab_size) if post_process else None,
+        layer_spec=layer_spec(model.attention),
         vp_stage=vp_stage,
     )
     init_parameters(mtp_model, config, total_layers=model.num_layers, seed=seed)

@@ -12,6 +12,7 @@ the default, its comment says why.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,13 @@ class ConfigError(ValueError):
     """A bad configuration value or combination; the message names the key and how to fix it."""
 
 
+ATTENTION_BACKENDS = ("auto", "sdpa", "local", "te")  # model.attention
+TE_MISSING = (
+    "model.attention=te: transformer_engine does not import here; install Transformer Engine "
+    "(pip install transformer-engine[pytorch]) or use model.attention=auto (sdpa without it)"
+)
+
+
 @dataclass
 class ModelConfig:
     preset: str = MISSING  # name of the conf/model/*.yaml preset, for the record
@@ -48,6 +56,11 @@ class ModelConfig:
     init_std: float = 0.02
     tie_embeddings: bool = False
     dropout: float = 0.0
+    # Core attention of every block (trunk and heads), see mtp_pretrain/model/attention.py: sdpa = torch's
+    # fused scaled_dot_product_attention (never materialises the T x T scores), local = megatron's unfused
+    # DotProductAttention, te = Transformer Engine's layer spec; auto = te where it imports, else sdpa.
+    # sdpa and local hold no weights: their checkpoints are interchangeable.
+    attention: str = "auto"
 
 
 @dataclass
@@ -245,6 +258,12 @@ def validate(cfg: Config) -> None:
             f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
             f"model.num_query_groups={m.num_query_groups}",
         )
+    _require(
+        m.attention in ATTENTION_BACKENDS,
+        f"model.attention={m.attention!r}: use one of {', '.join(ATTENTION_BACKENDS)}",
+    )
+    # a cheap look-up (no import of torch): the model factory imports it and reports the same line if it fails
+    _require(m.attention != "te" or importlib.util.find_spec("transformer_engine") is not None, TE_MISSING)
     if mtp.loss_weights is not None:
         _require(
             len(mtp.loss_weights) == mtp.n,

@@ -124,9 +124,10 @@ def mtp_run(dist_world, synthetic_source, tmp_path_factory) -> TrainedRun:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test by its folder: ``-m unit`` (single process) or ``-m integration`` (subprocesses)."""
+    """Mark every test by its folder: ``-m unit`` (single process), ``-m integration`` (subprocesses) or
+    ``-m gpu`` (tests/gpu: CUDA only, skipped without it)."""
     for item in items:
         parts = Path(str(item.fspath)).parts
-        for kind in ("unit", "integration"):
+        for kind in ("unit", "integration", "gpu"):
             if kind in parts:
                 item.add_marker(getattr(pytest.mark, kind))

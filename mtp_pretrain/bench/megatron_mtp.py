@@ -1,6 +1,7 @@
 """Our MTP vs megatron-core's built-in MTP (DeepSeek-V3 style) on the same trunk: peak memory and step time.
 
-What is compared (no parallelism, fp32, megatron's local layer spec, CPU-safe config overrides, the same
+What is compared (no parallelism, fp32, megatron's local layer spec on both sides (ATTENTION: our
+model.attention=local, megatron's unfused DotProductAttention), CPU-safe config overrides, the same
 hidden size, attention heads, vocabulary, sequence length and batch; each model its own initialisation):
  - ours: MTPModel with a trunk of K layers and n=4 heads (head 1 is the next-token head), each head one
    transformer layer on the trunk output, shared final norm and unembedding, the memory-efficient loss
@@ -59,6 +60,9 @@ from mtp_pretrain.processes import child_env
 from mtp_pretrain.targets import HeadStats
 
 MODELS = ("ours", "megatron")
+# both models' core attention (model/attention.py): the same kernel on both sides, so that only the MTP
+# designs differ; megatron's unfused DotProductAttention, as this comparison always ran
+ATTENTION = "local"
 N_PREDICTIONS = 4  # ours: n=4 heads; megatron: next-token + mtp_num_layers=3
 _MEMORY_MARK = "MEMORY_JSON "
 
@@ -72,6 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
     p.add_argument("--memory-steps", type=int, default=1, help="measured steps per memory subprocess")
     p.add_argument("--memory-child", choices=MODELS, default=None, help=argparse.SUPPRESS)  # internal
+    p.set_defaults(attention=ATTENTION)  # read by bench_model's shape_config: our model.attention
     return p.parse_args(argv)
 
 
@@ -134,10 +139,11 @@ def build_megatron(args: argparse.Namespace) -> tuple[Any, int]:
     compiled with CUDA enabled" on a CPU build; compat answers 0 and maps that device to the CPU.
     """
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_mtp_block_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
 
     from mtp_pretrain.config import MTPConfig
     from mtp_pretrain.engine.megatron import MegatronEngine
+    from mtp_pretrain.model.attention import layer_spec
     from mtp_pretrain.model.mtp_model import transformer_config
     from mtp_pretrain.model.vocab import padded_vocab_size
 
@@ -147,7 +153,7 @@ def build_megatron(args: argparse.Namespace) -> tuple[Any, int]:
     tconf.num_layers = args.trunk_layers + 1
     tconf.mtp_num_layers = depth
     tconf.mtp_loss_scaling_factor = float(depth)  # per-depth weight factor / depth = 1, as our heads
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = layer_spec(ATTENTION)  # the block ours is built of
     gpt = GPTModel(
         tconf,
         spec,
@@ -255,6 +261,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             "steps": args.steps,
             "warmup": args.warmup,
             "device": compat.device().type,
+            "attention": ATTENTION,
             "ours": f"MTPModel trunk {args.trunk_layers} + {N_PREDICTIONS} heads",
             "megatron": f"GPTModel {args.trunk_layers + 1} layers + mtp_num_layers {N_PREDICTIONS - 1}",
         },
@@ -283,6 +290,7 @@ def print_table(r: dict) -> None:
     print(
         f"\nmegatron-core MTP vs ours: {c['ours']} | {c['megatron']} "
         f"(d={c['hidden']}, {c['heads']} heads, T={c['seq']}, B={c['batch']}, V={c['vocab']}, fp32, "
+        f"attention: {c['attention']}, "
         f"{c['device']}; {c['steps']} timed steps after {c['warmup']} warm-up, interleaved)"
     )
     rss = "ours_rss_peak_mib" in r

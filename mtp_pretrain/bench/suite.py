@@ -11,6 +11,8 @@ another's memory figures); this script only runs them, collects their JSON and s
     step        tools/bench_step.py          step time n=4 / n=1 over the FLOP ratio (same trunk)
     megatron    tools/bench_megatron_mtp.py  the same trunk with megatron-core's built-in MTP (DeepSeek-style
                                              mtp_num_layers): peak memory and step time vs ours
+    attention   tools/bench_attention.py     core attention model.attention=sdpa vs local: step time and
+                                             peak memory at T=1024 and 2048
     data        tools/bench_data.py          data-loader tokens/s over the training step's consumption
     decode      tools/bench_decode.py        self-speculative vs greedy decoding, batch 1 and 8, on the
                                              main job's model (trained first with the default config if
@@ -43,6 +45,7 @@ SUITE = {
     "memory_v128k": ("bench_loss_memory.py", ["--vocab", "131072", *MEMORY_SHAPE]),
     "step": ("bench_step.py", ["--steps", "4"]),
     "megatron": ("bench_megatron_mtp.py", []),
+    "attention": ("bench_attention.py", []),
     "data": ("bench_data.py", ["--seconds", "1.5", "--train-steps", "6"]),
     "decode": ("bench_decode.py", []),
 }
@@ -50,6 +53,7 @@ GROUPS = {
     "memory": ["memory_v32k", "memory_v128k"],
     "step": ["step"],
     "megatron": ["megatron"],
+    "attention": ["attention"],
     "data": ["data"],
     "decode": ["decode"],
 }
@@ -132,6 +136,16 @@ def summarise(raw: dict) -> list[list[str]]:
                 f"megatron/ours: memory {res['memory_ratio']:.2f}x, time {res['time_ratio']:.2f}x",
             ]
         )
+    if res := raw.get("attention", {}).get("result"):
+        for r in res["rows"]:
+            rows.append(
+                [
+                    f"core attention sdpa vs local, T={r['seq']}",
+                    f"step {r['sdpa_step_s']:.3f} vs {r['local_step_s']:.3f} s, "
+                    f"peak {r['sdpa_peak_mib']:.0f} vs {r['local_peak_mib']:.0f} MiB",
+                    f"sdpa/local: time {r['time_ratio']:.2f}x, memory {r['memory_ratio']:.2f}x",
+                ]
+            )
     if res := raw.get("data", {}).get("result"):
         worst = min(res["rows"], key=lambda r: r["ratio"])
         rows.append(

@@ -119,6 +119,7 @@ class MTPModel(LanguageModule):
             loss_fn  # the last stage's loss; None: forward() is not for training (inference, tools)
         )
         self.model_type = ModelType.encoder_or_decoder  # megatron's schedules read it
+        # the block spec of every layer, trunk and heads (model/attention.py: model.attention); default local
         spec = layer_spec or get_gpt_layer_local_spec(normalization="RMSNorm")
 
         if pre_process:

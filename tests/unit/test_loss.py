@@ -9,9 +9,8 @@ from mtp_pretrain.build import build_model
 from mtp_pretrain.config import ModelConfig, MTPConfig
 from mtp_pretrain.model.mtp_model import transformer_config
 from mtp_pretrain.targets import target_mask
+from tests.builders import VOCAB, random_batch
 from tests.numerics import EPS32, assert_same_gradient
-
-VOCAB = 256
 
 
 def _models(cfg: ModelConfig, n: int, chunk: int, tie: bool = False):
@@ -25,23 +24,12 @@ def _models(cfg: ModelConfig, n: int, chunk: int, tie: bool = False):
     return naive, eff
 
 
-def _batch(cfg: ModelConfig, n: int, padded: bool, batch: int = 3):
-    g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, VOCAB, (batch, cfg.seq_len + n), generator=g)
-    valid = torch.ones_like(tokens, dtype=torch.bool)
-    if padded:  # a ragged tail per sample plus scattered masked targets
-        for b in range(batch):
-            valid[b, cfg.seq_len + n - 3 * b - 1 :] = False
-        valid &= torch.rand(tokens.shape, generator=g) > 0.1
-    return tokens, valid
-
-
 @pytest.mark.parametrize("n", [1, 2, 4])
 @pytest.mark.parametrize("chunk", [0, 7])
 @pytest.mark.parametrize("padded", [False, True])
 def test_memory_efficient_gradients_equal_naive(dist_world, tiny_model_cfg, n, chunk, padded):
     naive, eff = _models(tiny_model_cfg, n, chunk)
-    tokens, valid = _batch(tiny_model_cfg, n, padded)
+    tokens, valid = random_batch(tiny_model_cfg, n, padded)
     loss_n, stats_n = naive(tokens, valid)
     loss_e, stats_e = eff(tokens, valid)
     (2.5 * loss_n).backward()  # an outer scale (grad accumulation, loss scaling) must reach every gradient
@@ -65,7 +53,7 @@ def test_memory_efficient_gradients_equal_naive(dist_world, tiny_model_cfg, n, c
 def test_tied_embeddings_gradients_equal_naive(dist_world, tiny_model_cfg):
     naive, eff = _models(tiny_model_cfg, 3, 5, tie=True)
     assert not hasattr(eff.output_layer, "weight") or eff.output_layer.weight is None
-    tokens, valid = _batch(tiny_model_cfg, 3, True)
+    tokens, valid = random_batch(tiny_model_cfg, 3, True)
     naive(tokens, valid)[0].backward()
     eff(tokens, valid)[0].backward()
     for (name, p), q in zip(eff.named_parameters(), naive.parameters(), strict=True):
@@ -74,7 +62,7 @@ def test_tied_embeddings_gradients_equal_naive(dist_world, tiny_model_cfg):
 
 def test_eval_path_matches_training_value_and_keeps_no_graph(dist_world, tiny_model_cfg):
     _, eff = _models(tiny_model_cfg, 4, 5)
-    tokens, valid = _batch(tiny_model_cfg, 4, True)
+    tokens, valid = random_batch(tiny_model_cfg, 4, True)
     loss_train, stats_train = eff(tokens, valid)
     with torch.no_grad():
         loss_eval, stats_eval = eff(tokens, valid)
@@ -87,7 +75,7 @@ def test_eval_path_matches_training_value_and_keeps_no_graph(dist_world, tiny_mo
 
 def test_stats_count_valid_targets_and_accuracy(dist_world, tiny_model_cfg):
     _, eff = _models(tiny_model_cfg, 2, 0)
-    tokens, valid = _batch(tiny_model_cfg, 2, True)
+    tokens, valid = random_batch(tiny_model_cfg, 2, True)
     _, stats = eff(tokens, valid)
     T = tiny_model_cfg.seq_len
     for i in range(2):
@@ -100,7 +88,7 @@ def test_stats_count_valid_targets_and_accuracy(dist_world, tiny_model_cfg):
 
 def test_loss_weights_scale_each_head(dist_world, tiny_model_cfg):
     _, eff = _models(tiny_model_cfg, 2, 0)
-    tokens, valid = _batch(tiny_model_cfg, 2, False)
+    tokens, valid = random_batch(tiny_model_cfg, 2, False)
     loss, stats = eff(tokens, valid)
     means = stats.loss_sum / stats.count
     # the same per-head sums, divided and weighted here in another order: an ulp or two of the loss (measured
@@ -112,7 +100,7 @@ def test_document_boundary_mask_drops_cross_document_targets(dist_world, tiny_mo
     """segments: head i's target at t counts iff it is in the input token's document; both loss paths agree."""
     n = 3
     naive, eff = _models(tiny_model_cfg, n, 0)
-    tokens, valid = _batch(tiny_model_cfg, n, padded=True)
+    tokens, valid = random_batch(tiny_model_cfg, n, padded=True)
     eos = tokens[0, 5].item()
     tokens[:, [5, 11, 12]] = eos  # documents end at 5, 11 and 12 (a one-token document)
     _, segments = target_mask(tokens, eos, pad=-1, mask_doc_boundaries=True)
@@ -141,7 +129,7 @@ def test_padding_ids_of_the_padded_vocabulary_get_no_probability(dist_world, tin
     mtp = MTPConfig(n=2)
     model = build_model(tiny_model_cfg, mtp, 200, transformer_config(tiny_model_cfg, mtp))
     assert model.vocab_size == 256 and model.output_layer.weight.shape[0] == 256
-    tokens, valid = _batch(tiny_model_cfg, 2, padded=False)
+    tokens, valid = random_batch(tiny_model_cfg, 2, padded=False)
     tokens = tokens % 200
     loss, stats = model(tokens, valid)
     logits = model.head_logits(tokens[:, : tiny_model_cfg.seq_len])

@@ -1,8 +1,9 @@
 """Run under torchrun (gloo): train a fixed tiny model on fixed data in several TP x PP x DP layouts.
 
     torchrun --nproc-per-node=W tests/distributed/layout_parity.py OUT_DIR LAYOUT [LAYOUT ...]
-    LAYOUT = tp,pp[,tie|uneven|vpp2]  (dp = W / (tp * pp); tie: tied embeddings across first and last
-             stage, n=4 only; uneven: 3 + 1 trunk layers on 2 stages, n=1 only; vpp2: interleaved, n=1 only)
+    LAYOUT = tp,pp[,tie|uneven|vpp2][,local]  (dp = W / (tp * pp); tie: tied embeddings across first and
+             last stage, n=4 only; uneven: 3 + 1 trunk layers on 2 stages, n=1 only; vpp2: interleaved, n=1
+             only; local: megatron's DotProductAttention, else model.attention=sdpa)
 
 For each layout and n in {1, 4} it runs STEPS optimizer steps with grad accumulation GA per DP rank,
 writes the per-step per-head losses (OUT_DIR/<layout>-n<n>.json, logging rank) and saves the final engine
@@ -28,8 +29,9 @@ VOCAB, STEPS, GA, MICRO = 256, 6, 2, 2
 OPTIM = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2, clip_grad=1.0)
 
 
-def model_cfg(n: int, tie: bool = False) -> ModelConfig:
-    # trunk of 4 layers for n=1 and 2 for n=4: both split evenly over 2 pipeline stages
+def model_cfg(n: int, tie: bool = False, attention: str = "sdpa") -> ModelConfig:
+    # trunk of 4 layers for n=1 and 2 for n=4: both split evenly over 2 pipeline stages; the core attention
+    # named, not auto (which would pick Transformer Engine where it imports)
     return ModelConfig(
         preset="parity",
         num_layers=5 if n == 1 else 6,
@@ -37,6 +39,7 @@ def model_cfg(n: int, tie: bool = False) -> ModelConfig:
         num_attention_heads=4,
         seq_len=16,
         tie_embeddings=tie,
+        attention=attention,
     )
 
 
@@ -56,9 +59,15 @@ def micro_batches(step: int, n: int, dp: int, dp_rank: int, ga: int) -> list[tor
 
 
 def build_engine(
-    n: int, tp: int, pp: int, tie: bool = False, uneven: bool = False, vpp: int | None = None
+    n: int,
+    tp: int,
+    pp: int,
+    tie: bool = False,
+    uneven: bool = False,
+    vpp: int | None = None,
+    attention: str = "sdpa",
 ) -> MegatronEngine:
-    cfg, mtp = model_cfg(n, tie), MTPConfig(n=n)
+    cfg, mtp = model_cfg(n, tie, attention), MTPConfig(n=n)
     stage_layers = (3, None) if uneven else (None, None)  # n=1: 4 trunk layers as 3 + 1
     tconf = transformer_config(cfg, mtp, tp=tp, pp=pp, stage_layers=stage_layers, vpp=vpp)
     model = build_pipeline_chunks(cfg, mtp, VOCAB, tconf)
@@ -76,8 +85,9 @@ def run(
     tie: bool = False,
     uneven: bool = False,
     vpp: int | None = None,
+    attention: str = "sdpa",
 ) -> tuple[list[dict], MegatronEngine]:
-    engine = build_engine(n, tp, pp, tie, uneven, vpp)
+    engine = build_engine(n, tp, pp, tie, uneven, vpp, attention)
     dp_rank = parallel_state.get_data_parallel_rank()
     history = []
     for step in range(STEPS):
@@ -112,6 +122,7 @@ def main() -> None:
         tp, pp, *flags = spec.split(",")
         tp, pp, tie, uneven = int(tp), int(pp), "tie" in flags, "uneven" in flags
         vpp = 2 if "vpp2" in flags else None
+        attention = "local" if "local" in flags else "sdpa"
         dp = parallel.Layout(world, tp=tp, pp=pp).dp
         for n in (4,) if tie else (1,) if uneven or vpp else (1, 4):
             parallel_state.destroy_model_parallel()
@@ -121,7 +132,7 @@ def main() -> None:
                 virtual_pipeline_model_parallel_size=vpp,
             )
             model_parallel_cuda_manual_seed(0)
-            history, engine = run(n, tp, pp, dp, tie=tie, uneven=uneven, vpp=vpp)
+            history, engine = run(n, tp, pp, dp, tie=tie, uneven=uneven, vpp=vpp, attention=attention)
             name = f"tp{tp}pp{pp}dp{dp}-n{n}" + "".join(f"-{f}" for f in flags)
             # the engine's whole state (model chunks + DistributedOptimizer), as the trainer checkpoints it
             save_run(out, name, engine.sharded_state_dict(), history)

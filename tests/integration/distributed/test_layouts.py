@@ -12,10 +12,11 @@ from tests.integration.distributed import layout_parity as script
 from tests.integration.distributed.parity import compare_to_reference, launch_all, load_run
 
 # world 2: TP2, PP2, DP2 (+ PP2 tied, PP2 uneven, PP2 x VPP2 interleaved);
-# world 4: TP2xPP2, DP2xPP2, DP2xTP2 (+ TP2xPP2 tied)
+# world 4: TP2xPP2, DP2xPP2, DP2xTP2 (+ TP2xPP2 tied). Core attention sdpa, or megatron's local
+# DotProductAttention where "local" says so: both backends under TP, PP and DP, without another launch
 LAUNCHES = {
-    2: ["2,1", "1,2", "1,1", "1,2,tie", "1,2,uneven", "1,2,vpp2"],
-    4: ["2,2", "1,2", "2,1", "2,2,tie"],
+    2: ["2,1", "1,2", "1,1,local", "1,2,tie", "1,2,uneven,local", "1,2,vpp2"],
+    4: ["2,2,local", "1,2", "2,1,local", "2,2,tie"],
 }
 
 
@@ -24,8 +25,8 @@ def layout_runs(tmp_path_factory):
     return launch_all(tmp_path_factory.mktemp("layouts"), "layout_parity.py", LAUNCHES)
 
 
-def _reference(n: int, dp: int, tie: bool):  # an uneven pipeline split is the same model: no variant here
-    history, engine = script.run(n, tp=1, pp=1, dp=1, ga=script.GA * dp, tie=tie)
+def _reference(n: int, dp: int, tie: bool, attention: str):  # an uneven pipeline split: the same model
+    history, engine = script.run(n, tp=1, pp=1, dp=1, ga=script.GA * dp, tie=tie, attention=attention)
     return (
         history,
         {
@@ -44,11 +45,12 @@ def test_every_layout_matches_one_process(dist_world, layout_runs, n):
     references = {}
     worst_rel, worst_param = 0.0, 0.0
     for name in names:
-        # "-uneven" / "-vpp2" split the same model differently: same reference
+        # "-uneven" / "-vpp2" split the same model differently: same reference, of the layout's core attention
         dp, tie = int(name.split("dp")[1].split("-")[0]), name.endswith("-tie")
-        if (dp, tie) not in references:
-            references[(dp, tie)] = _reference(n, dp, tie)
-        ref_history, ref_params, ref_engine = references[(dp, tie)]
+        key = (dp, tie, "local" if name.endswith("-local") else "sdpa")
+        if key not in references:
+            references[key] = _reference(n, *key)
+        ref_history, ref_params, ref_engine = references[key]
         history, loaded = load_run(layout_runs, name, ref_engine.model.module)
         assert len(history) == script.STEPS
         worst = compare_to_reference(name, history, ref_history, loaded, ref_params, script.OPTIM.lr)

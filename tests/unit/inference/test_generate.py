@@ -9,22 +9,7 @@ from mtp_pretrain.cli import generate as generate_cli
 from mtp_pretrain.data.tokenizer import train_tokenizer
 from mtp_pretrain.inference.generate import PROBE_FORWARDS, Sampling, generate, generate_text
 from mtp_pretrain.inference.weights import load_model
-
-
-def _prompts(run, count: int) -> list[list[int]]:
-    """Held-out-like prompts: windows of the corpus text of different lengths, and random token strings."""
-    loaded, source = run.loaded, sorted(run.trainer.cfg.data.source)[0]
-    texts = [p.read_text() for p in sorted(__import__("pathlib").Path(source).glob("*.py"))]
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for i in range(count):
-        if i % 4 == 3:
-            out.append(torch.randint(2, loaded.decoder.cfg.vocab_size, (3 + i % 11,), generator=gen).tolist())
-        else:
-            ids = loaded.tokenizer.encode(texts[i % len(texts)]).ids
-            start = (7 * i) % 40
-            out.append(ids[start : start + 2 + i % 17])
-    return out
+from tests.builders import held_out_prompts
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +30,7 @@ def _greedy(dec, prompts, new, eos=None) -> list[list[int]]:
 
 
 def test_speculative_equals_greedy_batch_1_and_batched(mtp_run, dec):
-    prompts = _prompts(mtp_run, 24)
+    prompts = held_out_prompts(mtp_run, 24)
     reference = _greedy(dec, prompts, 24)
     single = [generate(dec, [p], 24, speculative=True, min_tokens_per_forward=0) for p in prompts]
     assert [g.tokens[0] for g in single] == reference
@@ -67,7 +52,7 @@ def test_rollback_after_a_rejection_at_every_draft_position(mtp_run, dec, wrong_
     """Drafts replaced by the true greedy continuation, wrong at draft position `wrong_at`: exactly
     `wrong_at` drafts are accepted per forward, the cache rolls back the rest, tokens stay greedy's."""
     n, vocab = dec.cfg.mtp_heads, dec.cfg.vocab_size
-    prompts = _prompts(mtp_run, 6)
+    prompts = held_out_prompts(mtp_run, 6)
     new = 20
     reference = _greedy(dec, prompts, new + n)
 
@@ -94,7 +79,7 @@ def test_drafting_stops_when_it_does_not_pay(mtp_run, dec, wrong_at):
     """Drafts always right (4 tokens/forward) keep drafting; drafts always rejected (1 token/forward) stop
     after the probe, and decoding goes on plainly: one token per forward, greedy's tokens."""
     n, new = dec.cfg.mtp_heads, 40
-    prompts = _prompts(mtp_run, 2)
+    prompts = held_out_prompts(mtp_run, 2)
     reference = _greedy(dec, prompts, new + n)
 
     def oracle(generated: list[list[int]], drafts: torch.Tensor) -> torch.Tensor:
@@ -115,7 +100,7 @@ def test_drafting_stops_when_it_does_not_pay(mtp_run, dec, wrong_at):
 
 
 def test_stops_at_eos_and_at_the_context(mtp_run, dec):
-    prompt = _prompts(mtp_run, 1)[0]
+    prompt = held_out_prompts(mtp_run, 1)[0]
     ref = _greedy(dec, [prompt], 30)[0]
     k = next(i for i in range(3, 30) if ref[i] not in ref[:i])  # a token first produced at position k
     for spec in (False, True):
@@ -128,7 +113,7 @@ def test_stops_at_eos_and_at_the_context(mtp_run, dec):
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(mtp_run, dec):
-    prompts = _prompts(mtp_run, 3)
+    prompts = held_out_prompts(mtp_run, 3)
     hot = Sampling(temperature=1.5, top_p=0.95, seed=3)
     a, b = generate(dec, prompts, 20, sampling=hot), generate(dec, prompts, 20, sampling=hot)
     assert a.tokens == b.tokens and not a.stats.speculative  # speculation is for greedy decoding
@@ -163,7 +148,7 @@ def test_a_model_without_extra_heads_decodes_plainly(mtp_run, dec, tmp_path):
     (out / "config.json").write_text(json.dumps({**config, "mtp_n_heads": 1}))
     with pytest.warns(UserWarning, match="no extra MTP heads"):
         plain = load_model(out, torch.float64)  # float64 as `dec`: batched here, one prompt at a time there
-    prompts = _prompts(mtp_run, 4)
+    prompts = held_out_prompts(mtp_run, 4)
     result = generate(plain.decoder, prompts, 16, speculative=True)
     assert not result.stats.speculative and result.tokens == _greedy(dec, prompts, 16)
 

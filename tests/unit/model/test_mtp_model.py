@@ -1,5 +1,7 @@
 """Model structure: n=1 is exactly megatron's plain GPT decoder; causality; stage layout; sharded keys."""
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
@@ -24,6 +26,8 @@ def _plain_gpt_key(key: str, trunk_layers: int) -> str:
 def test_n1_is_a_plain_L_layer_decoder(dist_world, tiny_model_cfg: ModelConfig):
     torch.manual_seed(0)
     mtp = MTPConfig(n=1)
+    # like with like: megatron's local spec on both sides (sdpa vs local: tests/unit/model/test_attention.py)
+    tiny_model_cfg = dataclasses.replace(tiny_model_cfg, attention="local")
     ours = build_model(tiny_model_cfg, mtp, VOCAB, transformer_config(tiny_model_cfg, mtp))
     # megatron's own GPT with all L layers in its decoder and the same Llama settings
     gpt_cfg = transformer_config(tiny_model_cfg, MTPConfig(n=1))
