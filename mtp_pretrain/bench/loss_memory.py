@@ -24,6 +24,7 @@ from mtp_pretrain.bench.memory import PeakMemory
 from mtp_pretrain.bench.models import bench_model
 from mtp_pretrain.bench.options import add_shape_args, bench_parser, write_json
 from mtp_pretrain.bench.process import distributed_world, pin_mmap_threshold
+from mtp_pretrain.model.attention import resolve_backend
 
 
 def measure_step_peak(model: torch.nn.Module, tokens: torch.Tensor) -> int:
@@ -62,7 +63,8 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     logits = args.seq * args.batch * args.vocab * 4
     print(
         f"\nloss-step peak memory (V={args.vocab}, T={args.seq}, B={args.batch}, d={args.hidden}, "
-        f"trunk {args.trunk_layers} layers; one head's fp32 logits = {logits / 2**20:.0f} MiB)"
+        f"trunk {args.trunk_layers} layers, attention {resolve_backend(args.attention)}; one head's fp32 logits = "
+        f"{logits / 2**20:.0f} MiB)"
     )
     print(f"{'n':>3} {'mode':<14} {'peak MiB':>10} {f'x efficient n={ref_n}':>16} {'x naive same n':>15}")
     for r in rows:

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mtp_pretrain.config import ATTENTION_BACKENDS
+
 R = TypeVar("R")
 
 
@@ -32,7 +34,8 @@ def add_shape_args(
     batch: int,
     vocab: int,
 ) -> None:
-    """--hidden --heads --trunk-layers --seq --batch --vocab with this benchmark's defaults."""
+    """--hidden --heads --trunk-layers --seq --batch --vocab with this benchmark's defaults, and --attention
+    (model.attention; the tables name the backend that ran, so rows compare like with like)."""
     p.add_argument("--hidden", type=int, default=hidden)
     p.add_argument("--heads", type=int, default=heads, help="attention heads")
     p.add_argument(
@@ -41,6 +44,7 @@ def add_shape_args(
     p.add_argument("--seq", type=int, default=seq)
     p.add_argument("--batch", type=int, default=batch)
     p.add_argument("--vocab", type=int, default=vocab)
+    p.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS, help="model.attention")
 
 
 def write_json(path: str | Path, result: Any) -> None:

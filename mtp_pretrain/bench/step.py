@@ -19,6 +19,7 @@ from mtp_pretrain.bench.options import add_shape_args, bench_parser, report
 from mtp_pretrain.bench.process import distributed_world, relaunch_under_torchrun
 from mtp_pretrain.bench.timing import format_time_over_flops, interleaved, time_over_flops
 from mtp_pretrain.flops import train_flops_per_token
+from mtp_pretrain.model.attention import resolve_backend
 
 HEADS = (1, 4)
 WARMUP = 2  # untimed steps per n first
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> dict:
         flops = {n: train_flops_per_token(cfg, n, args.vocab) for n, (cfg, _) in setups.items()}
         tokens_per_step = args.batch * args.seq * layout.dp
         result = {"step_s": step, "tokens_per_s": {n: tokens_per_step / s for n, s in step.items()}}
+        result["attention"] = resolve_backend(args.attention)
         result |= time_over_flops(step, flops)
         if parallel.rank() == 0:
             report(result, lambda r: print_table(r, flops, args, layout.dp), args.json)
@@ -53,7 +55,7 @@ def print_table(result: dict, flops: dict[int, float], args: argparse.Namespace,
     dev = compat.device().type
     print(
         f"\nstep time, same trunk ({args.trunk_layers} layers, d={args.hidden}, T={args.seq}, "
-        f"B={args.batch}, V={args.vocab}, tp={args.tp} pp={args.pp} dp={dp}, {dev})"
+        f"B={args.batch}, V={args.vocab}, tp={args.tp} pp={args.pp} dp={dp}, attention {result['attention']}, {dev})"
     )
     print(f"{'n':>3} {'step s':>9} {'tokens/s':>10} {'GFLOP/token':>12}")
     for n in HEADS:

@@ -122,7 +122,7 @@ def summarise(raw: dict) -> list[list[str]]:
     if res := raw.get("step", {}).get("result"):
         rows.append(
             [
-                "step time n=4 / n=1 (same trunk)",
+                f"step time n=4 / n=1 (same trunk, attention {res.get('attention', 'local')})",
                 f"time {res['time_ratio']:.3f}x, FLOPs {res['flop_ratio']:.3f}x",
                 f"time/FLOP {res['time_over_flops']:.3f} (target <= 1.05)",
             ]
