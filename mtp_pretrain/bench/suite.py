@@ -130,7 +130,8 @@ def summarise(raw: dict) -> list[list[str]]:
     if res := raw.get("megatron", {}).get("result"):
         rows.append(
             [
-                "megatron-core built-in MTP vs ours, same trunk + 3 extra layers",
+                "megatron-core built-in MTP vs ours, same trunk + 3 extra layers, attention "
+                + res.get("config", {}).get("attention", "local"),
                 f"peak {res['megatron_peak_mib']:.0f} vs {res['ours_peak_mib']:.0f} MiB, "
                 f"step {res['megatron_step_s']:.3f} vs {res['ours_step_s']:.3f} s",
                 f"megatron/ours: memory {res['memory_ratio']:.2f}x, time {res['time_ratio']:.2f}x",
