@@ -31,14 +31,15 @@ def test_suite_writes_json_png_and_the_readme_table(tmp_path):
     result = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert set(result["raw"]) == {"memory_v32k", "memory_v128k", "step"}
     names = [row[0] for row in result["summary"]]
+    backend = result["raw"]["step"]["result"]["attention"]  # sdpa here (auto without TransformerEngine)
     assert names == [f"loss-step peak memory, V={v}k, n={n}" for v in (2, 4) for n in (1, 2)] + [
-        "step time n=4 / n=1 (same trunk)"
+        f"step time n=4 / n=1 (same trunk, attention {backend})"
     ]
     assert (tmp_path / "bench" / "results.png").stat().st_size > 10_000
     text = readme.read_text()
     assert (
         "old table" not in text
-        and "| step time n=4 / n=1 (same trunk) |" in text
+        and f"| step time n=4 / n=1 (same trunk, attention {backend}) |" in text
         and text.endswith("after\n")
     )
     assert "this run:" in run.stdout

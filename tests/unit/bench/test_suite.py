@@ -48,7 +48,7 @@ def test_summary_rows():
     ]
     assert rows[1][2].endswith("efficient 4.00x its n=1")
     assert rows[2] == [
-        "step time n=4 / n=1 (same trunk)",
+        "step time n=4 / n=1 (same trunk, attention local)",  # results without the key predate sdpa
         "time 1.300x, FLOPs 1.250x",
         "time/FLOP 1.040 (target <= 1.05)",
     ]
