@@ -19,7 +19,7 @@ def shape_config(args: argparse.Namespace, num_layers: int) -> ModelConfig:
         hidden_size=args.hidden,
         num_attention_heads=args.heads,
         seq_len=args.seq,
-        attention=getattr(args, "attention", "auto"),  # model.attention: the core attention backend
+        attention=args.attention,  # model.attention: the core attention backend (--attention)
     )
 
 

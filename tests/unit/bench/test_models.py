@@ -9,7 +9,7 @@ from mtp_pretrain.bench.models import bench_model, random_step, shape_config
 from mtp_pretrain.config import OptimConfig
 from mtp_pretrain.engine.megatron import MegatronEngine
 
-ARGS = argparse.Namespace(hidden=32, heads=2, trunk_layers=1, seq=16, batch=2, vocab=256)
+ARGS = argparse.Namespace(hidden=32, heads=2, trunk_layers=1, seq=16, batch=2, vocab=256, attention="auto")
 
 
 def test_shape_config():
