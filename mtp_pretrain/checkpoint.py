@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from mtp_pretrain.errors import EXIT_CHECKPOINT, MTPError
 from mtp_pretrain.parallel import barrier, rank, world_size
 from mtp_pretrain.processes import die_with_parent
 
@@ -37,8 +38,10 @@ _LATEST = "latest"
 _TMP_PREFIX = ".tmp-"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MTPError, RuntimeError):
     """A checkpoint that is missing, partial, corrupt or does not fit this run."""
+
+    exit_code = EXIT_CHECKPOINT
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

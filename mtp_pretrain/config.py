@@ -21,6 +21,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from mtp_pretrain.errors import UsageError
 from mtp_pretrain.slurm import (  # mtp-submit's schema: slurm.py imports nothing of ours
     SlurmConfig,
     SubmitConfig,
@@ -31,7 +32,7 @@ from mtp_pretrain.slurm import (  # mtp-submit's schema: slurm.py imports nothin
 CONF_DIR = str((Path(__file__).resolve().parent / "conf").resolve())
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A bad configuration value or combination; the message names the key and how to fix it."""
 
 
@@ -164,6 +165,12 @@ class TrainerConfig:
     init_from: str | None = None
     nonfinite: str = "skip"  # NaN/inf loss: skip (drop the update, count it) or abort (exit, no save)
     stop_file: str = "STOP"  # <run_dir>/STOP appearing = save and exit like SIGTERM/SIGUSR1; "" disables
+    # bit-identical reruns on the same hardware and thread count (torch deterministic algorithms, MKL/cuBLAS
+    # settings; see docs/architecture.md "Determinism"), at a measured cost in speed
+    deterministic: bool = False
+    # what a checkpoint's manifest hashes: "all" files, or "parsed" = only the files the trainer itself
+    # parses (trainer.pt, rank_*.pt, metadata); large tensor shards are then checked by size only
+    checkpoint_checksum: str = "all"
 
 
 @dataclass
@@ -281,6 +288,11 @@ def validate(cfg: Config) -> None:
         _require(value >= 1, f"{key}={value} must be >= 1")
     _require(t.val_batches >= 1 or t.val_every == 0, "trainer.val_batches must be >= 1 when validating")
     _require(t.nonfinite in ("skip", "abort"), f"trainer.nonfinite={t.nonfinite!r}: use skip or abort")
+    _require(
+        t.checkpoint_checksum in ("all", "parsed"),
+        f"trainer.checkpoint_checksum={t.checkpoint_checksum!r}: use all (hash every file) or parsed "
+        "(hash the files the trainer parses, size-check the tensor shards)",
+    )
     _require(t.keep_last >= 1, f"trainer.keep_last={t.keep_last} must be >= 1 (the latest is always kept)")
     _require(
         o.lr > 0 and 0 <= o.min_lr <= o.lr,

@@ -14,7 +14,8 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" — the launcher requeues, the run resumes
+from mtp_pretrain.errors import EXIT_PREEMPTED  # noqa: F401 (the exit status of a stop, re-exported)
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

@@ -24,6 +24,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mtp_pretrain.errors import MTPError
+
 REPO = Path(__file__).resolve().parent.parent
 LOCAL_ADDR = ' --local-addr=$(hostname -I | cut -d" " -f1)'
 
@@ -80,7 +82,7 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     return request, training
 
 
-class SubmitError(RuntimeError):
+class SubmitError(MTPError, RuntimeError):
     """The job cannot be submitted (no sbatch, bad request); the message says what to do."""
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
-from mtp_pretrain import parallel
+from mtp_pretrain import determinism, parallel
 from mtp_pretrain.build import build_engine
 from mtp_pretrain.checkpoint_manager import CheckpointManager, DataPosition, TrainState
 from mtp_pretrain.config import Config
@@ -53,6 +53,7 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg, t, p = cfg, cfg.trainer, cfg.parallel
+        determinism.configure(t.deterministic)  # before any kernel runs
         self.layout = parallel.init_distributed(p.tp, p.pp, seed=t.seed, vpp=p.vpp)
         self.run_dir = Path(t.run_dir)
         sources = build_data_sources(cfg.data)

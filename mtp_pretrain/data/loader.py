@@ -154,6 +154,9 @@ class BatchLoader:
             persistent_workers=False,
             prefetch_factor=4,
             pin_memory=torch.cuda.is_available(),
+            # the workers' base seed from a generator of the loader's own: a new iterator (every fit(), every
+            # resume) must not draw from the global torch RNG that dropout uses (resume would not be bit-exact)
+            generator=torch.Generator().manual_seed(self.spec.seed),
         )
         it = iter(self._loader)
         # Workers ignore SIGTERM (see _init_worker), so multiprocessing's exit hook, which terminates and joins

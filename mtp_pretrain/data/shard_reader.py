@@ -22,12 +22,14 @@ import numpy as np
 import webdataset as wds
 from tokenizers import Tokenizer
 
+from mtp_pretrain.errors import DataError
+
 ON_ERROR = ("skip", "raise")
 TOKENS_MEMBER = "tokens.npy"  # pre-tokenized document: 1-D uint16/uint32 array, no EOS
 ERROR_KINDS = ("shards_skipped", "samples_skipped")
 
 
-class ShardReadError(RuntimeError):
+class ShardReadError(DataError):
     """A shard or one of its samples could not be read or decoded; the message names the shard."""
 
 

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from mtp_pretrain import compat
 from mtp_pretrain.config import OptimConfig
+from mtp_pretrain.errors import EXIT_NONFINITE, MTPError
 from mtp_pretrain.targets import HeadStats
 
 # tokens [B, T+n], target validity [B, T+n] (+ optional document numbers [B, T+n]): MTPModel.forward's inputs
@@ -32,8 +33,10 @@ class StepResult:
     stop: bool = False  # some rank was asked to stop (signal / stop file): every rank stops after this step
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(MTPError, RuntimeError):
     """Training diverged (NaN/inf loss) and the run must stop without saving."""
+
+    exit_code = EXIT_NONFINITE
 
 
 class Engine(Protocol):
