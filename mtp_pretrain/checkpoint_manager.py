@@ -13,19 +13,24 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from mtp_pretrain import parallel
-from mtp_pretrain.checkpoint import Checkpointer, CheckpointError
+from mtp_pretrain.checkpoint import Checkpointer, CheckpointError, on_every_rank
 from mtp_pretrain.config import Config, ffn_hidden_size, from_yaml
 from mtp_pretrain.data.loader import BatchLoader
 from mtp_pretrain.data.tokenizer import tokenizer_hash
 from mtp_pretrain.engine.base import Engine
+from mtp_pretrain.errors import MTPError
 
 
 class Stateful(Protocol):
@@ -129,6 +134,61 @@ def finetune_mismatches(saved: Config, cfg: Config) -> list[str]:
     return out
 
 
+# What trainer.pt holds besides the parts (CheckpointManager.save); a file without them is not ours
+_COMMON_KEYS = ("config", "tokenizer_hash")
+# What a part's load_state_dict raises on a state of the wrong shape (missing key, wrong type or value)
+_BAD_STATE = (KeyError, TypeError, ValueError, IndexError, AttributeError)
+
+
+def _why(e: BaseException) -> str:
+    """An exception as ``Type: first line of its message``."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+
+
+def _require(ckpt: Path, file: str, state: dict, keys: tuple[str, ...]) -> None:
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{ckpt}: {file} lacks {', '.join(map(repr, missing))} (written by another program or version); "
+            "give a checkpoint of this mtp-pretrain"
+        )
+
+
+@contextmanager
+def _loading(ckpt: Path, what: str) -> Iterator[None]:
+    """A malformed state in a checkpoint that passed verification (another version's layout, a corruption
+    a size-only check missed) as one CheckpointError line instead of a raw traceback."""
+    try:
+        yield
+    except MTPError:
+        raise  # already says what is wrong (a ConfigError is also a ValueError)
+    except (*_BAD_STATE, OmegaConfBaseException, yaml.YAMLError) as e:
+        raise CheckpointError(
+            f"{ckpt}: {what} does not load ({_why(e)}); give a checkpoint written by this mtp-pretrain "
+            "with the same parts"
+        ) from e
+
+
+def _engine_load(ckpt: Path, load: Callable[[], None]) -> None:
+    """The engine's collective load; the checkpoint libraries' own refusals become a CheckpointError (they
+    are raised on every rank: torch DCP gathers the ranks' failures, megatron validates the same metadata)."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        load()
+    except (CheckpointingException, CheckpointException) as e:
+        raise CheckpointError(
+            f"{ckpt}: the engine's model/optimizer files do not load ({_why(e)}); "
+            "resume from an earlier checkpoint or delete this one"
+        ) from e
+
+
+def _saved_config(ckpt: Path, common: dict) -> Config:
+    with _loading(ckpt, "the config in trainer.pt"):  # not YAML of a Config this version knows
+        return from_yaml(common["config"])
+
+
 class CheckpointManager:
     """Saves and restores the engine's sharded state and the named ``parts`` / ``rank_parts``."""
 
@@ -144,14 +204,23 @@ class CheckpointManager:
         self.parts = {"engine": engine, **parts}
         self.rank_parts = rank_parts
         self.storage = Checkpointer(
-            Path(cfg.trainer.run_dir) / "checkpoints", keep_last=cfg.trainer.keep_last
+            Path(cfg.trainer.run_dir) / "checkpoints",
+            keep_last=cfg.trainer.keep_last,
+            checksum=cfg.trainer.checkpoint_checksum,
         )
 
     def restore(self) -> None:
-        """Continue this run from its newest valid checkpoint (or ``trainer.resume=PATH``); else, with
-        ``trainer.init_from``, start from another run's weights; else start fresh."""
+        """Continue this run from its newest valid checkpoint (or ``trainer.resume=PATH``, which must be
+        valid: no fall-back); else, with ``trainer.init_from``, start from another run's weights; else start
+        fresh. ``resume=auto`` with checkpoints of which none verifies is a CheckpointError, not a restart."""
         t = self.cfg.trainer
         ckpt = self.storage.latest() if t.resume == "auto" else None if t.resume == "none" else Path(t.resume)
+        if ckpt is None and t.resume == "auto" and any(self.storage.root.glob("step_*")):
+            # all broken (each reported on stderr): starting at step 0 would overwrite them, unasked
+            raise CheckpointError(
+                f"no checkpoint in {self.storage.root} passes verification (reasons above); to start this "
+                "run afresh move them away or set trainer.resume=none"
+            )
         if ckpt is not None:
             self.load(ckpt)
         elif t.init_from:
@@ -169,14 +238,24 @@ class CheckpointManager:
         return self.storage.save(step, self.engine.save, common=common, per_rank=per_rank)
 
     def load(self, ckpt: Path) -> None:
+        """Resume from ``ckpt`` (verified first; every problem found is a CheckpointError on every rank)."""
         common, per_rank = self.storage.load(ckpt)  # trainer.pt read once
-        self._check_fits(ckpt, common, finetune=False)
-        self.engine.load(ckpt)
+
+        def check() -> None:  # before the engine's collective load: a rank-file problem stops every rank
+            _require(ckpt, "trainer.pt", common, (*self.parts, *_COMMON_KEYS))
+            if per_rank is not None:
+                _require(ckpt, f"rank_{parallel.rank():05d}.pt", per_rank, tuple(self.rank_parts))
+            self._check_fits(ckpt, common, finetune=False)
+
+        on_every_rank(check)
+        _engine_load(ckpt, lambda: self.engine.load(ckpt))
         for name, part in self.parts.items():
-            part.load_state_dict(common[name])
+            with _loading(ckpt, f"part {name!r} of trainer.pt"):
+                part.load_state_dict(common[name])
         if per_rank is not None:
             for name, part in self.rank_parts.items():
-                part.load_state_dict(per_rank[name])
+                with _loading(ckpt, f"part {name!r} of rank_{parallel.rank():05d}.pt"):
+                    part.load_state_dict(per_rank[name])
         if parallel.rank() == 0:
             print(f"resumed from {ckpt} at step {common['trainer']['step']}")
             if per_rank is None:
@@ -185,9 +264,14 @@ class CheckpointManager:
     def init_from(self, ckpt: Path) -> None:
         """Model weights only (trunk + the first min(n, n_ckpt) heads); step 0, fresh optimizer and data."""
         common = self.storage.read_common(ckpt)
+        _require(ckpt, "trainer.pt", common, _COMMON_KEYS)
         self._check_fits(ckpt, common, finetune=True)
-        n_old = from_yaml(common["config"]).mtp.n
-        self.engine.load_model_weights(ckpt, keep=lambda key: not _is_head_beyond(key, n_old))
+        n_old = _saved_config(ckpt, common).mtp.n
+
+        def keep(key: str) -> bool:
+            return not _is_head_beyond(key, n_old)
+
+        _engine_load(ckpt, lambda: self.engine.load_model_weights(ckpt, keep=keep))
         if parallel.rank() == 0:
             print(f"initialised from {ckpt}: trunk + heads 1..{min(n_old, self.cfg.mtp.n)} of its {n_old}")
 
@@ -196,7 +280,7 @@ class CheckpointManager:
             raise CheckpointError(
                 f"{ckpt} was trained with another tokenizer; point data.* at the same corpus"
             )
-        saved = from_yaml(common["config"])
+        saved = _saved_config(ckpt, common)
         bad = finetune_mismatches(saved, self.cfg) if finetune else shape_mismatches(saved, self.cfg)
         if bad:
             hint = ""

@@ -12,7 +12,9 @@ the default, its comment says why.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -402,8 +404,30 @@ def from_yaml(text: str) -> Config:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text)))  # type: ignore[return-value]
 
 
+def _unknown_keys(raw: Any, schema: type, prefix: str = "") -> list[str]:
+    """Keys of ``raw`` that the dataclass ``schema`` lacks, dotted (``+model.typo=1`` adds one silently:
+    OmegaConf's merge into a structured config keeps keys that Hydra appended)."""
+    if not isinstance(raw, (dict, DictConfig)):
+        return []
+    hints = typing.get_type_hints(schema)
+    unknown = []
+    for key in raw:
+        if key == "hydra" and not prefix:
+            continue
+        if key not in hints:
+            unknown.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(hints[key]):
+            unknown += _unknown_keys(raw[key], hints[key], f"{prefix}{key}.")
+    return unknown
+
+
 def to_config(raw: Any) -> Config:
     """A DictConfig from Hydra (or a plain dict) -> validated Config dataclass."""
+    unknown = _unknown_keys(raw, Config)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(unknown)}: check the spelling (mtp-train --cfg job lists every key)"
+        )
     cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), raw))  # type: ignore[assignment]
     validate(cfg)
     return cfg

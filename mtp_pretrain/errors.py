@@ -72,12 +72,12 @@ def fail(prog: str, error: BaseException | str, code: int = EXIT_USAGE) -> None:
 
 
 @contextmanager
-def reported(prog: str, also: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+def reported(prog: str, also: tuple[type[BaseException], ...] = (), debug: bool = False) -> Iterator[None]:
     """Run a command body: an :class:`MTPError` (or one of ``also``, reported as usage errors) ends it with
-    one error line and its exit status, unless tracebacks were asked for (:func:`debug_requested`)."""
+    one error line and its exit status, unless tracebacks were asked for (``debug``, :func:`debug_requested`)."""
     try:
         yield
     except (MTPError, *also) as e:
-        if debug_requested():
+        if debug or debug_requested():
             raise
         fail(prog, e)

@@ -28,6 +28,7 @@ from mtp_pretrain.engine.base import Batch, NonFiniteLossError, StepResult
 from mtp_pretrain.metrics import MetricsLogger
 from mtp_pretrain.preemption import StopRequest
 from mtp_pretrain.rng import RNGState
+from mtp_pretrain.run_lock import RunLock
 from mtp_pretrain.step_metrics import StepMetrics
 from mtp_pretrain.targets import with_targets
 from mtp_pretrain.validator import Validator
@@ -56,6 +57,8 @@ class Trainer:
         determinism.configure(t.deterministic)  # before any kernel runs
         self.layout = parallel.init_distributed(p.tp, p.pp, seed=t.seed, vpp=p.vpp)
         self.run_dir = Path(t.run_dir)
+        # one writer per run dir: before anything writes there; a second job fails naming the holder
+        self.run_lock = RunLock(self.run_dir).acquire()
         sources = build_data_sources(cfg.data)
         self.tokenizer_path = sources.tokenizer_path
         tok = load_tokenizer(self.tokenizer_path)
@@ -115,12 +118,15 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Train to trainer.steps (or until asked to stop), validating and saving on the way."""
-        stop = StopRequest(self.run_dir / self.cfg.trainer.stop_file if self.cfg.trainer.stop_file else None)
+        self.run_lock.acquire()  # held since __init__; again for a later fit()
+        stop_file = self.run_dir / self.cfg.trainer.stop_file if self.cfg.trainer.stop_file else None
+        stop = StopRequest(stop_file, clear_stale=parallel.rank() == 0)  # another job's stale STOP: removed
         try:
             return self._loop(stop)
         finally:
             stop.close()
             self.train_data.close()  # stop the reader workers; a later fit() restarts them where they were
+            self.run_lock.release()
 
     def _loop(self, stop: StopRequest) -> TrainResult:
         cfg, t = self.cfg, self.cfg.trainer

@@ -1,8 +1,15 @@
-"""Validation: per-head held-out loss and accuracy, the same documents at every validation."""
+"""Validation: per-head held-out loss and accuracy, the same documents at every validation.
+
+Bad validation data follows ``data.on_error`` like training data: ``skip`` skips, counts (:attr:`Validator.errors`)
+and logs each bad shard or sample, ``raise`` raises a one-line :class:`~mtp_pretrain.errors.DataError` naming it.
+Missing or unreadable validation shards are found before the first step
+(:func:`~mtp_pretrain.data.sources.preflight`), not here.
+"""
 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +20,8 @@ from mtp_pretrain.data.datasets import Dataset
 from mtp_pretrain.data.sources import validation_batches
 from mtp_pretrain.engine.base import Engine
 from mtp_pretrain.targets import with_targets
+
+log = logging.getLogger(__name__)
 
 
 class Validator:
@@ -33,6 +42,7 @@ class Validator:
     ) -> None:
         self.cfg, self.engine, self.val, self.tokenizer_path = cfg, engine, list(val), tokenizer_path
         self.eos, self.pad, self.dp_rank, self.dp_size = eos, pad, dp_rank, dp_size
+        self.errors: dict[str, int] = {}  # shards/samples this rank skipped in its last validation
 
     def run(self) -> dict[str, float]:
         """``loss`` (weighted like training), ``loss/head{k}`` and ``acc/head{k}``; {} off the last stage."""
@@ -56,6 +66,13 @@ class Validator:
             cfg.data.mask_doc_boundaries,
         )
         _, stats = self.engine.eval_step(batches, t.val_batches, cfg.model.seq_len, t.micro_batch_size)
+        self.errors = dict(stream.errors)
+        if any(self.errors.values()):
+            log.warning(
+                "validation (DP rank %d) skipped bad data: %s (data.on_error=skip; each is named above)",
+                self.dp_rank,
+                ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.errors.items()),
+            )
         if stats is None:
             return {}
         m = stats.metrics()

@@ -26,6 +26,7 @@ from typing import Any
 
 from mtp_pretrain.data.shards import DEFAULT_EXCLUDE_DIRS, iter_source_documents, write_shards
 from mtp_pretrain.data.tokenizer import train_tokenizer
+from mtp_pretrain.errors import DataError
 
 CORPUS_FORMAT = 1
 MANIFEST = "corpus.json"
@@ -174,7 +175,7 @@ def prepare_corpus(
             raise ValueError("prepare_corpus: source_paths is empty (pass None for the standard library)")
     for p in sources:
         if not p.exists():
-            raise ValueError(f"corpus source path does not exist: {p}")
+            raise DataError(f"data.source path does not exist: {p}; name an existing directory or file")
     resolved = [str(p.resolve()) for p in sources]
     key = _cache_key(resolved, vocab_size, max_docs_per_shard, suffixes, exclude)
     spec = {
@@ -195,7 +196,10 @@ def prepare_corpus(
         _log(f"building {final}")
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}.tmp-"))
         try:
-            manifest = _build(tmp, sources, vocab_size, max_docs_per_shard, suffixes, exclude, spec)
+            try:
+                manifest = _build(tmp, sources, vocab_size, max_docs_per_shard, suffixes, exclude, spec)
+            except (ValueError, OSError, EOFError) as e:  # a source without documents, a cut .gz, ...
+                raise DataError(f"data.source: {e}") from None
             if _read_manifest(final) is None:  # nobody else finished meanwhile
                 if final.exists():
                     shutil.rmtree(final)  # incomplete leftover

@@ -11,6 +11,10 @@ the state of the last batch it handed out per reader plus which reader is next. 
 each reader from its state and rotates the worker -> reader mapping so the round-robin continues where it
 stopped. (torchdata's StatefulDataLoader does the same bookkeeping but copies torch's private DataLoader
 internals and pins torch versions; this is the few lines we need.)
+
+Bad data (:class:`~mtp_pretrain.errors.MTPError`, e.g. a shard under ``data.on_error=raise``) raised in a
+worker reaches the training process as the same one-line error it is without workers, not wrapped in
+torch's multi-line "Caught ... in DataLoader worker process" re-raise.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from mtp_pretrain.data.datasets import Dataset
 from mtp_pretrain.data.reshard import reshard_states
 from mtp_pretrain.data.shard_reader import ERROR_KINDS
 from mtp_pretrain.data.stream import PackedBatchStream
+from mtp_pretrain.errors import DataError, MTPError, one_line
 from mtp_pretrain.processes import die_with_parent
 
 
@@ -65,8 +70,24 @@ class ReaderSpec:
         )
 
 
+@dataclass(frozen=True)
+class _Failure:
+    """An expected failure (bad data) in a worker, shipped to the training process as an item: torch would
+    re-raise it there wrapped in a multi-line "Caught ... in DataLoader worker process" message."""
+
+    error: type[MTPError]
+    message: str
+
+    def rebuild(self) -> MTPError:
+        try:
+            return self.error(self.message)
+        except Exception:  # noqa: BLE001 (a class with another signature: the message is what matters)
+            return DataError(self.message)
+
+
 class _Readers(IterableDataset):
-    """In each worker: that worker's reader stream, yielding (batch, local reader index, reader state)."""
+    """In each worker: that worker's reader stream, yielding (batch, local reader index, reader state), or
+    a :class:`_Failure` as its last item."""
 
     def __init__(self, spec: ReaderSpec, rotation: int, states: dict[int, dict[str, Any]]) -> None:
         self.spec, self.rotation, self.states = spec, rotation, states
@@ -74,11 +95,23 @@ class _Readers(IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, dict[str, Any]]]:
         info = get_worker_info()
         local = ((info.id if info is not None else 0) + self.rotation) % self.spec.readers_per_rank
-        stream = self.spec.stream(local)
-        if local in self.states:
-            stream.load_state_dict(self.states[local])
-        for batch in stream:
-            yield batch, local, stream.state_dict()
+        try:
+            stream = self.spec.stream(local)
+            if local in self.states:
+                stream.load_state_dict(self.states[local])
+            for batch in stream:
+                yield batch, local, stream.state_dict()
+        except MTPError as e:
+            if info is None:  # in the training process itself: the error as it is
+                raise
+            yield _Failure(type(e), one_line(str(e)))
+
+
+def _shutdown_workers(it: Any, owner: int) -> None:
+    # only in the process that started the workers: a forked worker of another loader inherits this
+    # finalizer, and torch's shutdown asserts it runs in the workers' parent
+    if os.getpid() == owner:
+        it._shutdown_workers()
 
 
 def _as_is(item: Any) -> Any:
@@ -161,7 +194,7 @@ class BatchLoader:
         it = iter(self._loader)
         # Workers ignore SIGTERM (see _init_worker), so multiprocessing's exit hook, which terminates and joins
         # them, would wait forever: shut them down first (finalize's exit hook runs before it), or on close().
-        self._shutdown = weakref.finalize(self, it._shutdown_workers)
+        self._shutdown = weakref.finalize(self, _shutdown_workers, it, os.getpid())
         return it
 
     def __iter__(self) -> BatchLoader:
@@ -170,7 +203,15 @@ class BatchLoader:
     def __next__(self) -> torch.Tensor:
         if self._it is None:
             self._it = self._start()
-        batch, local, state = next(self._it)
+        try:
+            item = next(self._it)
+        except MTPError:  # num_workers=0: raised in this process
+            self.close()
+            raise
+        if isinstance(item, _Failure):  # a worker's bad data: the same one-line error as without workers
+            self.close()
+            raise item.rebuild()
+        batch, local, state = item
         self._states[local] = state
         self._next_reader = (local + 1) % self.readers_per_rank
         return batch

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,14 @@ def _walk(root: Path, suffixes: tuple[str, ...], exclude_dirs: frozenset[str]) -
                 yield Path(dirpath) / name
 
 
+def _lines_of(path: Path, fh: Any) -> Iterator[bytes]:
+    """The lines of an opened (maybe gzip) file; a cut or corrupt .gz is an error naming the file."""
+    try:
+        yield from fh
+    except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path}: corrupt or truncated file ({e}); re-download or re-compress it") from None
+
+
 def _iter_path(
     i: int, path: Path, suffixes: tuple[str, ...], field: str, exclude: frozenset[str], stats: dict[str, int]
 ) -> Iterator[dict[str, Any]]:
@@ -84,7 +93,7 @@ def _iter_path(
     elif _is_jsonl(path):
         opener = gzip.open if path.name.endswith(".gz") else open
         with opener(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, start=1):
+            for lineno, raw in enumerate(_lines_of(path, fh), start=1):
                 source = f"{path.name}:{lineno}"
                 try:
                     line = raw.decode("utf-8")

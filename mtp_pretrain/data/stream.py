@@ -18,10 +18,11 @@ consumed in the current shard, packing buffer), the mix counts and the error cou
 :meth:`~PackedBatchStream.load_state_dict` the next batches are the ones an uninterrupted stream would have
 produced. Only the current shard is re-read (consumed samples are skipped without decoding).
 
-Bad input (``on_error``, see :mod:`mtp_pretrain.data.shard_reader`): ``"skip"`` skips the shard (rest of
-it) or sample, counts it in :attr:`PackedBatchStream.errors` and logs a warning naming the shard;
-``"raise"`` raises :class:`~mtp_pretrain.data.shard_reader.ShardReadError` naming it. A reader whose shards
-hold no document at all for a whole epoch raises instead of spinning.
+Bad input (``on_error``, see :mod:`mtp_pretrain.data.shard_reader`): ``"skip"`` skips the shard (the rest of
+it: documents before a damage are kept) or sample, counts it in :attr:`PackedBatchStream.errors` and logs a
+warning naming the shard; ``"raise"`` raises :class:`~mtp_pretrain.data.shard_reader.ShardReadError` naming it
+with the skip hint once. A reader whose shards hold no document at all for a whole epoch raises instead of
+spinning; so does a one-epoch (validation) reader whose shards were all bad.
 """
 
 from __future__ import annotations
@@ -38,14 +39,19 @@ from mtp_pretrain.data.shard_reader import (
     ERROR_KINDS,
     ON_ERROR,
     SampleError,
+    ShardNotFoundError,
     ShardReadError,
     iter_samples,
     local_path,
     sample_tokens,
 )
 from mtp_pretrain.data.tokenizer import eos_id, load_tokenizer, pad_id
+from mtp_pretrain.errors import one_line
 
 log = logging.getLogger(__name__)
+
+# the fix every raised data error names (once): the message itself names the shard and what is wrong
+SKIP_HINT = " (data.on_error=skip skips bad shards and samples, counting and logging them)"
 
 
 def new_cursor() -> dict[str, Any]:
@@ -97,12 +103,12 @@ class PackedBatchStream:
                 )
             missing = [u for u in ds.urls if (lp := local_path(u)) is not None and not Path(lp).is_file()]
             if missing and (on_error == "raise" or len(missing) == len(ds.urls)):
-                raise FileNotFoundError(
-                    f"dataset {ds.name!r}: {len(missing)} of {len(ds.urls)} shard(s) not found, e.g. {missing[0]}"
-                    + (" (data.on_error=skip skips missing ones)" if len(missing) < len(ds.urls) else "")
+                raise ShardNotFoundError(
+                    f"dataset {ds.name!r}: {len(missing)} of {len(ds.urls)} shard(s) not found, e.g. {missing[0]}: "
+                    + ("fix its URLs" if len(missing) == len(ds.urls) else f"fix its URLs{SKIP_HINT}")
                 )
             for url in missing:
-                log.warning("shard not found: %s (data.on_error=skip: it will be skipped)", url)
+                log.warning("data: shard not found: %s (data.on_error=skip: it will be skipped)", url)
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.eos, self.pad = eos_id(self.tokenizer), pad_id(self.tokenizer)
         self.batch_size, self.sample_len, self.seed = batch_size, sample_len, seed
@@ -136,50 +142,64 @@ class PackedBatchStream:
 
     # -- reading --------------------------------------------------------------------------------------
     def _bad(self, kind: str, message: str) -> None:
+        """Skip (count + warn) or raise bad input, by ``on_error``; ``message`` names it, without a fix."""
         if self.on_error == "raise":
-            raise ShardReadError(f"{message} (data.on_error=skip skips it)")
+            raise ShardReadError(one_line(message) + SKIP_HINT)
         self.errors[kind] += 1
-        log.warning("data: skipping %s", message)
+        log.warning("data: skipping %s", one_line(message))
 
     def _documents(self, j: int) -> Iterator[list[int]]:
         """Token lists (each ending in EOS) of dataset ``j``; the cursor is updated before each yield."""
         cur = self.cursors[j]
         while True:
-            docs_this_pass = 0
+            docs_this_pass, errors_before = 0, sum(self.errors.values())
             planned = str(cur["epoch"]) in cur.get("plan", {})
             full_epoch = cur["shard_pos"] == 0 and cur["sample_offset"] == 0 and not planned
             items = self._epoch_items(cur["epoch"], j)
             while cur["shard_pos"] < len(items):
                 url, start = items[cur["shard_pos"]]
                 cur["sample_offset"] = max(cur["sample_offset"], start)
-                try:
-                    for idx, sample in iter_samples(url, skip=cur["sample_offset"]):
-                        if sample is None:
-                            continue
-                        cur["sample_offset"] = idx + 1
-                        try:
-                            ids = sample_tokens(sample, self.tokenizer, self.text_field)
-                        except SampleError as e:
-                            self._bad(
-                                "samples_skipped", f"sample {sample.get('__key__')!r} of shard {url}: {e}"
-                            )
-                            continue
-                        if ids:
-                            docs_this_pass += 1
-                            ids.append(self.eos)
-                            yield ids
-                except ShardReadError as e:
-                    self._bad("shards_skipped", str(e))
+                samples = iter_samples(url, skip=cur["sample_offset"])
+                while True:
+                    # only the reading is guarded: an error _bad raises below must not be caught (and its hint
+                    # added) a second time as a shard error
+                    try:
+                        idx, sample = next(samples, (None, None))
+                    except ShardReadError as e:
+                        self._bad("shards_skipped", str(e))  # the rest of the shard
+                        break
+                    if idx is None:
+                        break
+                    if sample is None:
+                        continue
+                    cur["sample_offset"] = idx + 1
+                    try:
+                        ids = sample_tokens(sample, self.tokenizer, self.text_field)
+                    except SampleError as e:
+                        self._bad(
+                            "samples_skipped",
+                            f"sample {sample.get('__key__')!r} of shard {url}: {e}; fix or remove the sample",
+                        )
+                        continue
+                    if ids:
+                        docs_this_pass += 1
+                        ids.append(self.eos)
+                        yield ids
                 cur["shard_pos"] += 1
                 cur["sample_offset"] = 0
+            # never spin forever on document-less shards; a one-epoch read (validation) whose shards were all
+            # bad fails the same way rather than measure nothing (valid shards without documents are fine there)
+            bad_pass = self.loop or sum(self.errors.values()) > errors_before
+            if full_epoch and docs_this_pass == 0 and items and bad_pass:
+                skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.errors.items())
+                raise ShardReadError(
+                    f"dataset {self.datasets[j].name!r}: the {len(items)} shard(s) reader {self.reader}/"
+                    f"{self.num_readers} reads in epoch {cur['epoch']} contain no readable document (e.g. "
+                    f"{items[0][0]}; {skipped} so far, each named in a warning above): fix or replace the "
+                    f"shards, or set data.text_field if their JSON records keep the text elsewhere"
+                )
             if not self.loop:
                 return
-            if full_epoch and docs_this_pass == 0:  # never spin forever on document-less shards
-                raise ShardReadError(
-                    f"reader {self.reader}/{self.num_readers}: the shards of epoch {cur['epoch']} of dataset "
-                    f"{self.datasets[j].name!r} contain no readable document ({len(items)} shards: "
-                    f"{[u for u, _ in items[:3]]}...; skipped so far: {self.errors})"
-                )
             cur.get("plan", {}).pop(str(cur["epoch"]), None)
             cur["epoch"] += 1
             cur["shard_pos"] = 0

@@ -4,11 +4,15 @@ Ids 0 and 1 are always the special tokens ``EOS_TOKEN`` and ``PAD_TOKEN``. There
 prefix space, so ``decode(encode(text)) == text`` for any string. Special-token strings that occur
 *inside* a document are encoded as ordinary bytes (``encode_special_tokens``), so a document that contains
 the literal text ``<|endoftext|>`` can never inject an EOS id.
+
+:func:`transformers_files` gives the same tokenizer to Hugging Face transformers (mtp-export): the same ids for
+any text, special-token strings included.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterable
@@ -105,6 +109,30 @@ def eos_id(tok: Tokenizer) -> int:
 
 def pad_id(tok: Tokenizer) -> int:
     return _special_id(tok, PAD_TOKEN)
+
+
+def transformers_files(tokenizer_json: str, model_max_length: int) -> dict[str, str]:
+    """The files (name -> text) that load tokenizer ``tokenizer_json`` into transformers
+    (``AutoTokenizer`` / ``PreTrainedTokenizerFast``) with this module's encoding and decoding of any text.
+
+    ``encode_special_tokens`` is not stored in ``tokenizer.json``, and transformers' fast tokenizers set it on
+    every call from their ``split_special_tokens`` option (default false: ``<|endoftext|>`` in a prompt would
+    become the EOS id). So the config turns that option on: special tokens are only the markers the model or
+    generation adds (EOS, padding), never matched in text. Honoured from transformers 4.42 (fast tokenizers);
+    the file format needs tokenizers >= 0.20, i.e. transformers >= 4.45. ``clean_up_tokenization_spaces`` is
+    off (older transformers default it on) so that ``decode`` returns the text exactly: the clean-up drops the
+    space in ``" ."``, ``" 's"``...
+    """
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": EOS_TOKEN,
+        "bos_token": EOS_TOKEN,  # documents are separated by EOS only: it also starts generation
+        "pad_token": PAD_TOKEN,
+        "model_max_length": model_max_length,
+        "split_special_tokens": True,
+        "clean_up_tokenization_spaces": False,
+    }
+    return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": json.dumps(config, indent=2)}
 
 
 def tokenizer_hash(path: str | Path) -> str:

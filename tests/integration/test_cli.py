@@ -9,6 +9,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from mtp_pretrain.cli import make_shards, train_tokenizer
+from mtp_pretrain.errors import EXIT_DATA
 from tests.launch import clean_env, cli, run
 
 
@@ -31,14 +32,14 @@ def test_config_error_exits_2_with_one_line(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()  # failed before anything was built
 
 
-def test_missing_data_path_exits_2_naming_it(tmp_path):
+def test_missing_data_path_exits_4_naming_it(tmp_path):
     missing = tmp_path / "no_such_corpus"
     run = _train_cli(
         f"data.source=[{missing}]",
         f"data.cache_dir={tmp_path / 'cache'}",
         f"trainer.run_dir={tmp_path / 'run'}",
     )
-    assert run.returncode == 2, run.stderr
+    assert run.returncode == EXIT_DATA, run.stderr
     errors = _error_lines(run.stderr)
     assert len(errors) == 1, run.stderr
     assert str(missing) in errors[0]

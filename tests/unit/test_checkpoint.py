@@ -1,4 +1,5 @@
-"""Checkpoints: atomic save, verification, fallback past broken ones, retention, bit-exact load."""
+"""Checkpoints: atomic save, verification (sizes, checksums), fallback past broken ones, retention, bit-exact
+load."""
 
 import json
 import shutil
@@ -8,8 +9,9 @@ import pytest
 import torch
 from megatron.core import dist_checkpointing
 
+from mtp_pretrain import checkpoint
 from mtp_pretrain.build import build_model
-from mtp_pretrain.checkpoint import Checkpointer, CheckpointError, step_dir_name, verify
+from mtp_pretrain.checkpoint import Checkpointer, CheckpointError, file_digest, step_dir_name, verify
 from mtp_pretrain.config import ModelConfig, MTPConfig, OptimConfig
 from mtp_pretrain.engine.megatron import MegatronEngine
 from mtp_pretrain.model.mtp_model import transformer_config
@@ -59,10 +61,12 @@ def test_save_writes_step_dir_latest_and_metadata(model, tmp_path):
     assert not [p for p in (tmp_path / "ckpt").iterdir() if p.name.startswith(".tmp-")]
     meta = verify(path)
     assert meta["step"] == 5 and meta["world_size"] == 1
+    assert meta["format_version"] == 2 and meta["checksum"] == {"algorithm": "sha256", "mode": "all"}
     files = meta["files"]
     assert {"trainer.pt", "rank_00000.pt"} <= set(files)
-    assert len(files) > 2  # megatron's own dist_checkpointing files too
-    assert all((path / name).stat().st_size == size for name, size in files.items())
+    assert any(name.endswith(".distcp") for name in files)  # megatron's own dist_checkpointing files too
+    for name, entry in files.items():  # mode "all": every file has its size and checksum
+        assert entry == {"size": (path / name).stat().st_size, "sha256": file_digest(path / name)}, name
     assert ck.latest() == path
 
 
@@ -92,8 +96,10 @@ def test_truncated_file_fails_verify_and_latest_falls_back(model, tmp_path, caps
     assert str(victim.relative_to(second)) in str(err.value)
     capsys.readouterr()
     assert ck.latest() == first  # `latest` names the broken one: skipped
-    skipped = [line for line in capsys.readouterr().out.splitlines() if "skipping" in line]
-    assert len(skipped) == 1 and second.name in skipped[0]  # reported once
+    out, err = capsys.readouterr()
+    skipped = [line for line in err.splitlines() if "skipping" in line]
+    assert len(skipped) == 1 and second.name in skipped[0]  # reported once, on stderr
+    assert "skipping" not in out  # stdout is mtp-generate's text
     with pytest.raises(CheckpointError):
         Checkpointer.load(second)
 
@@ -183,6 +189,126 @@ def test_load_with_another_world_size_drops_per_rank_state(model, tmp_path):
     meta_path.write_text(json.dumps(meta))
     state, common, per_rank = _read(path, _model(1))
     assert per_rank is None and common["trainer"]["step"] == 1 and state
+
+
+# -- checksums -------------------------------------------------------------------------------------
+
+
+def _flip_byte(path: Path) -> None:
+    """Corrupt ``path`` in the middle, keeping its size (what a size check cannot see)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _distcp(ckpt: Path) -> Path:
+    return max(ckpt.glob("*.distcp"), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("victim", ["trainer.pt", "rank_00000.pt", "distcp"])
+def test_same_size_corruption_is_found_naming_file_and_fix(model, tmp_path, victim):
+    ck = Checkpointer(tmp_path, keep_last=5)
+    first = _save(ck, 1, model)
+    second = _save(ck, 2, model)
+    f = _distcp(second) if victim == "distcp" else second / victim
+    size = f.stat().st_size
+    _flip_byte(f)
+    assert f.stat().st_size == size
+    for check in (verify, Checkpointer.load):
+        with pytest.raises(CheckpointError) as err:
+            check(second)
+        message = str(err.value)
+        assert "\n" not in message and str(second) in message and f.name in message and "corrupt" in message
+        assert f"trainer.resume={first}" in message  # the fix: the checkpoint before it
+
+
+def test_parsed_mode_hashes_all_but_tensor_shards(model, tmp_path, monkeypatch):
+    ck = Checkpointer(tmp_path, keep_last=5, checksum="parsed")
+    path = _save(ck, 1, model)
+    meta = json.loads((path / "mtp_checkpoint.json").read_text())
+    assert meta["checksum"] == {"algorithm": "sha256", "mode": "parsed"}
+    hashed = {name for name, entry in meta["files"].items() if "sha256" in entry}
+    shards = {name for name in meta["files"] if name.endswith(".distcp")}
+    assert shards and not hashed & shards
+    assert hashed == set(meta["files"]) - shards  # trainer.pt, rank_*.pt, common.pt, .metadata, json
+    assert {"trainer.pt", "rank_00000.pt", "common.pt", ".metadata", "metadata.json"} <= hashed
+
+    read: list[str] = []
+    real_digest = checkpoint.file_digest
+    monkeypatch.setattr(checkpoint, "file_digest", lambda p: read.append(p.name) or real_digest(p))
+    _flip_byte(_distcp(path))  # a tensor shard: size-checked only, by choice
+    verify(path)
+    assert sorted(read) == sorted(hashed)  # the shards were not even read
+    _flip_byte(path / "trainer.pt")
+    with pytest.raises(CheckpointError, match="trainer.pt is corrupt"):
+        verify(path)
+
+
+def test_unchanged_checkpoint_is_hashed_once_per_process(model, tmp_path, monkeypatch):
+    path = _save(Checkpointer(tmp_path), 1, model)
+    calls = []
+    real = checkpoint.file_digests
+    monkeypatch.setattr(checkpoint, "file_digests", lambda paths: calls.append(len(paths)) or real(paths))
+    verify(path)
+    Checkpointer.load(path)  # resume verifies again: answered from the cache
+    assert len(calls) == 1
+    _flip_byte(path / "rank_00000.pt")  # rewriting changes mtime (and here the inode): hashed again
+    with pytest.raises(CheckpointError, match="rank_00000.pt is corrupt"):
+        verify(path)
+    assert len(calls) == 2
+
+
+def _as_format_1(ckpt: Path) -> None:
+    """Rewrite the manifest as a format-1 one (sizes only) as written before checksums."""
+    meta_path = ckpt / "mtp_checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    files = {name: entry["size"] for name, entry in meta["files"].items()}
+    meta_path.write_text(
+        json.dumps({"format_version": 1, "step": meta["step"], "world_size": 1, "files": files})
+    )
+
+
+def test_format_1_checkpoint_still_loads_by_size(model, tmp_path):
+    path = _save(Checkpointer(tmp_path), 3, model)
+    _as_format_1(path)
+    assert verify(path)["format_version"] == 1
+    state, common, per_rank = _read(path, _model(1))
+    assert common["trainer"] == {"step": 3} and per_rank is not None and state
+    # no checksums: bytes that do not parse are still refused before use, in one line
+    (path / "trainer.pt").write_bytes(b"\0" * (path / "trainer.pt").stat().st_size)
+    verify(path)
+    with pytest.raises(CheckpointError, match=r"trainer.pt cannot be read \(") as err:
+        Checkpointer.load(path)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_format_version_is_refused(model, tmp_path):
+    path = _save(Checkpointer(tmp_path), 1, model)
+    meta_path = path / "mtp_checkpoint.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "format_version": 3}))
+    with pytest.raises(CheckpointError, match="format version 3"):
+        verify(path)
+
+
+def test_rank_1_checks_sizes_and_adopts_rank_0s_verdict(model, tmp_path, monkeypatch):
+    """Under torch.distributed only rank 0 hashes; every rank raises the same error (simulated rank 1 of 2;
+    the real collectives run in tests/integration)."""
+    path = _save(Checkpointer(tmp_path), 1, model)
+    _flip_byte(path / "trainer.pt")  # rank 0 would find this; rank 1 reads no bytes
+    monkeypatch.setattr(checkpoint, "_collective", lambda: True)
+    monkeypatch.setattr(checkpoint, "rank", lambda: 1)
+    monkeypatch.setattr(checkpoint, "world_size", lambda: 2)
+    monkeypatch.setattr(checkpoint, "file_digests", lambda paths: pytest.fail("rank 1 hashed"))
+    rank_0 = [None]
+
+    def all_gather_object(out: list, obj) -> None:
+        out[:] = [rank_0[0], obj]
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    assert Checkpointer.checked(path)["step"] == 1  # rank 0 passed
+    rank_0[0] = "step_1: file trainer.pt is corrupt"
+    with pytest.raises(CheckpointError, match="^step_1: file trainer.pt is corrupt$"):
+        Checkpointer.checked(path)
 
 
 # -- engine round trip ------------------------------------------------------------------------------

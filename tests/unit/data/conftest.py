@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +74,24 @@ def doc_ids(tokens: list[int], tok_path: Path) -> list[str]:
             ids.append(m[1])
         part = []
     return ids
+
+
+def docs_of(data: dict[str, Any], url: str) -> list[list[int]]:
+    """The token ids (each ending in EOS) of the documents of shard ``url`` of the ``data`` fixture, in order."""
+    docs, part = [], []
+    for t in data["per_shard"][url]:
+        part.append(t)
+        if t == EOS:
+            docs.append(part)
+            part = []
+    return docs
+
+
+def kept_before(shard: Path, cut: int) -> int:
+    """How many samples of ``shard`` a copy cut after ``cut`` bytes keeps: those followed by a whole header of
+    the next sample within the cut (the sample being read at the cut is dropped, as it may lack members)."""
+    with tarfile.open(shard) as tf:
+        firsts = {}  # key -> header offset of its first member
+        for m in tf.getmembers():
+            firsts.setdefault(m.name.split(".", 1)[0], m.offset)
+    return sum(1 for off in list(firsts.values())[1:] if off + 512 <= cut)

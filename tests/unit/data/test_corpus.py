@@ -12,6 +12,7 @@ from mtp_pretrain.data import corpus as corpus_mod
 from mtp_pretrain.data.corpus import Corpus, prepare_corpus
 from mtp_pretrain.data.stream import PackedBatchStream
 from mtp_pretrain.data.tokenizer import load_tokenizer
+from mtp_pretrain.errors import DataError
 
 
 def make_src(root: Path, n: int = 30) -> Path:
@@ -98,9 +99,9 @@ def test_incomplete_build_is_rebuilt(tmp_path: Path) -> None:
 
 def test_bad_sources(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(DataError, match="empty"):
         prepare_corpus([tmp_path / "empty"], tmp_path / "cache", vocab_size=300)
-    with pytest.raises(ValueError, match="does not exist: .*missing"):
+    with pytest.raises(DataError, match="does not exist: .*missing"):
         prepare_corpus([tmp_path / "missing"], tmp_path / "cache", vocab_size=300)
     with pytest.raises(ValueError, match="source_paths is empty"):
         prepare_corpus([], tmp_path / "cache", vocab_size=300)

@@ -13,6 +13,7 @@ from mtp_pretrain.config import DataConfig, DatasetConfig
 from mtp_pretrain.data import sources
 from mtp_pretrain.data.corpus import Corpus
 from mtp_pretrain.data.datasets import Dataset
+from mtp_pretrain.data.shard_reader import ShardNotFoundError
 from mtp_pretrain.data.sources import DataSources, build_data_sources, validation_batches, validation_sets
 from mtp_pretrain.data.tokenizer import train_tokenizer
 from tests.unit.data.conftest import PAD, flat, make_texts
@@ -119,7 +120,7 @@ def test_validation_readers_take_every_other_shard_in_order(data: dict[str, Any]
 
 def test_validation_batches_follow_the_error_policy(data: dict[str, Any], tmp_path: Path) -> None:
     val = [Dataset.of([*data["urls"], str(tmp_path / "missing.tar")], name="val")]
-    with pytest.raises(FileNotFoundError, match="1 of 7 shard"):
+    with pytest.raises(ShardNotFoundError, match="1 of 7 shard"):
         validation_batches(val, data["tok"], 2, 13, on_error="raise")
     stream = validation_batches(
         val, data["tok"], 2, 13

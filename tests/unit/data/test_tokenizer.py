@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from mtp_pretrain.data.tokenizer import (
     pad_id,
     tokenizer_hash,
     train_tokenizer,
+    transformers_files,
 )
 
 TRAIN_TEXTS = [
@@ -33,6 +35,20 @@ ROUND_TRIP = [
     "null\x00byte and \x7f del and \u200b zero-width",
     "text containing <|endoftext|> and <|pad|> literally",
     "    " * 50 + "deep_indent = 1\n",
+]
+
+# Text that must reach transformers as it reaches training: literal special-token strings stay bytes, and
+# decode gives the text back (transformers' clean-up would turn " ." into ".").
+PARITY = [
+    *ROUND_TRIP,
+    EOS_TOKEN,
+    f"a{EOS_TOKEN}b",
+    f"{EOS_TOKEN}{EOS_TOKEN}{PAD_TOKEN}",
+    f" {PAD_TOKEN} \n{EOS_TOKEN}\n",
+    "<|endoftext|",
+    "it 's a test . don't , ok ? ( x ) !",
+    "\n\n\n",
+    "   ",
 ]
 
 
@@ -105,3 +121,50 @@ def test_load_corrupt(tmp_path: Path) -> None:
     bad.write_text('{"version": "1.0", "model": ')
     with pytest.raises(ValueError, match=str(bad)):
         load_tokenizer(bad)
+
+
+def test_transformers_files_keep_special_text_as_bytes(tok_path: Path) -> None:
+    """At the tokenizers level (what transformers' fast tokenizer runs): the exported config makes the backend
+    encode as ours does; without it, literal special-token text would become the special ids."""
+    files = transformers_files(tok_path.read_text(), 64)
+    assert files["tokenizer.json"] == tok_path.read_text()
+    config = json.loads(files["tokenizer_config.json"])
+    assert config["clean_up_tokenization_spaces"] is False and config["model_max_length"] == 64
+    ours = load_tokenizer(tok_path)
+    backend = Tokenizer.from_str(files["tokenizer.json"])
+    assert backend.token_to_id(config["eos_token"]) == 0 and backend.token_to_id(config["pad_token"]) == 1
+    backend.encode_special_tokens = False  # transformers' default: the bug this config avoids
+    assert backend.encode(f"a{EOS_TOKEN}b", add_special_tokens=False).ids[1] == 0
+    backend.encode_special_tokens = config["split_special_tokens"]  # what transformers sets on every call
+    for text in PARITY:
+        assert (
+            backend.encode(text, add_special_tokens=False).ids
+            == ours.encode(text, add_special_tokens=False).ids
+        )
+
+
+def test_transformers_tokenizer_matches_ours(
+    tok_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a local directory: nothing may be fetched
+    transformers = pytest.importorskip("transformers")
+    export = tmp_path / "export"
+    export.mkdir()
+    for name, text in transformers_files(tok_path.read_text(), 64).items():
+        (export / name).write_text(text)
+    (export / "config.json").write_text('{"model_type": "llama"}')  # as in an export: AutoTokenizer reads it
+    ours = load_tokenizer(tok_path)
+    first = transformers.AutoTokenizer.from_pretrained(export)
+    first.save_pretrained(tmp_path / "resaved")  # a user's save_pretrained keeps the behaviour
+    (tmp_path / "resaved" / "config.json").write_text('{"model_type": "llama"}')
+    loaded = [first, transformers.PreTrainedTokenizerFast.from_pretrained(export)]
+    loaded.append(transformers.AutoTokenizer.from_pretrained(tmp_path / "resaved"))
+    batch_ids = [ours.encode(text, add_special_tokens=False).ids for text in PARITY]
+    for tok in loaded:
+        assert (tok.eos_token_id, tok.pad_token_id) == (0, 1)
+        assert tok(PARITY)["input_ids"] == batch_ids  # batched, and special tokens added: none but ours
+        for text, ids in zip(PARITY, batch_ids, strict=True):
+            assert tok.encode(text, add_special_tokens=False) == ids, text
+            assert tok.convert_tokens_to_ids(tok.tokenize(text)) == ids, text
+            assert tok.decode(ids) == text and tok.decode(ids, skip_special_tokens=True) == text
+            assert tok.decode([*ids, 0], skip_special_tokens=True) == text  # EOS: a marker only

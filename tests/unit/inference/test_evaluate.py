@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from mtp_pretrain.cli import evaluate as evaluate_cli
+from mtp_pretrain.errors import EXIT_DATA
+from mtp_pretrain.inference.cli import evaluate as evaluate_cli
 from mtp_pretrain.inference.evaluate import heldout_metrics, read_batches, run_validation_data
 
 
@@ -62,7 +63,7 @@ def test_cli_names_bad_shards_and_export_without_data(mtp_run, tmp_path, capsys)
     (tmp_path / "bad.tar").write_bytes(b"not a tar at all" * 64)
     with pytest.raises(SystemExit) as exit_:
         evaluate_cli([str(mtp_run.checkpoint), "--data", str(tmp_path / "missing.tar"), "--prompts", "0"])
-    assert exit_.value.code == 2 and "not found" in capsys.readouterr().err
+    assert exit_.value.code == EXIT_DATA and "not found" in capsys.readouterr().err
     from mtp_pretrain.cli import export
 
     export([str(mtp_run.checkpoint), "--out", str(tmp_path / "hf")])

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from mtp_pretrain.cli import generate as generate_cli
 from mtp_pretrain.data.tokenizer import train_tokenizer
+from mtp_pretrain.inference.cli import generate as generate_cli
 from mtp_pretrain.inference.generate import PROBE_FORWARDS, Sampling, generate, generate_text
 from mtp_pretrain.inference.weights import load_model
 from tests.builders import held_out_prompts
