@@ -27,22 +27,22 @@ from torch import Tensor
 from mtp_pretrain.config import MTPConfig
 from mtp_pretrain.model.heads import MTPHeads
 from mtp_pretrain.model.vocab import mask_vocab_padding, vocab_parallel_argmax
-from mtp_pretrain.targets import HeadStats, HeadTargets
+from mtp_pretrain.targets import HeadStats, HeadTargets, joint_hits
 
 
 def _chunk_ce(
     logits: Tensor, target: Tensor, valid: Tensor, vocab_limit: int | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Summed CE over valid positions (differentiable) and the number of correct top-1 predictions."""
+    """Summed CE over valid positions (differentiable) and the top-1 hits [t, B] (bool; False where invalid)."""
     # CE in fp32 under bf16 training, as megatron does (fp16_lm_cross_entropy=False)
     logits = mask_vocab_padding(logits.float(), vocab_limit)
-    correct = ((vocab_parallel_argmax(logits.detach()) == target) & valid).sum()
+    hits = (vocab_parallel_argmax(logits.detach()) == target) & valid
     # megatron's vocab-parallel CE even at TP=1: it works in place on the logits, so the chunk's softmax
     # costs no second V-sized buffer (torch's fused CE saves its own log-softmax: measured 3% faster
     # step on the CPU demo, but one more logits-sized tensor at the peak this loss exists to keep low).
     # It overwrites its input; the logits are not needed afterwards.
     ce = vocab_parallel_cross_entropy(logits, torch.where(valid, target, 0))
-    return (ce * valid).sum(), correct
+    return (ce * valid).sum(), hits
 
 
 def _chunks(seq_len: int, chunk_size: int) -> list[slice]:
@@ -93,7 +93,8 @@ class MTPLoss:
         targets: HeadTargets,
         rotary_pos_emb: Tensor | None,
     ) -> tuple[Tensor, HeadStats]:
-        """Loss = sum_i w_i * mean CE of head i over its valid targets, and the per-head statistics.
+        """Loss = sum_i w_i * mean CE of head i over its valid targets, and the per-head statistics (with
+        the joint hits of heads 1..k behind the validation's draft acceptance, HeadStats.acceptance).
 
         h: trunk output [T, B, d]. `unembed` maps [t, B, d] -> vocab-parallel logits [t, B, V/tp] with
         `unembed_weight`. chunk_size > 0 computes the unembedding + CE in sequence chunks of that length.
@@ -107,7 +108,7 @@ class MTPLoss:
         def head_loss(
             i: int, z: Tensor, w_grad: Tensor | None
         ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-            """Head i, one sequence chunk of logits at a time: (CE sum, #correct, y, dL/dy or None).
+            """Head i, one sequence chunk of logits at a time: (CE sum, top-1 hits [T, B], y, dL/dy or None).
 
             With w_grad (the training path) it also backpropagates head i's scaled loss through the shared
             unembedding by hand: dW += dlogits^T y goes into w_grad in place (addmm_), so the V x d gradient
@@ -121,16 +122,17 @@ class MTPLoss:
             # dL/dy: one chunk writes it whole; several fill their slices of one buffer
             dy = torch.empty_like(y_det) if w_grad is not None and len(chunks) > 1 else None
             loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
-            correct = torch.zeros((), dtype=torch.long, device=h.device)
+            # [T, B] bool: T*B bytes, nothing next to one chunk's [t, B, V] logits
+            hits = torch.empty(valid.shape, dtype=torch.bool, device=h.device)
             for sl in chunks:
                 if w_grad is None:
-                    ce_sum, c = _chunk_ce(unembed(y_det[sl]), tgt[sl], valid[sl], vocab_limit)
+                    ce_sum, hits[sl] = _chunk_ce(unembed(y_det[sl]), tgt[sl], valid[sl], vocab_limit)
                 else:
                     y_c = y_det[sl]
                     with torch.no_grad():
                         logits = F.linear(y_c, unembed_weight)
                     logits.requires_grad_()
-                    ce_sum, c = _chunk_ce(logits, tgt[sl], valid[sl], vocab_limit)
+                    ce_sum, hits[sl] = _chunk_ce(logits, tgt[sl], valid[sl], vocab_limit)
                     (g_logits,) = torch.autograd.grad(ce_sum * scales[i], logits)
                     with torch.no_grad():  # with a graph, dy would keep every chunk's g_logits alive
                         g2 = g_logits.flatten(0, 1)
@@ -143,15 +145,21 @@ class MTPLoss:
                     # the CE graph reaches the logits leaf through its AccumulateGrad node: drop it now
                     ce_sum = ce_sum.detach()
                     del logits, g_logits, g2
-                loss_sum, correct = loss_sum + ce_sum.detach().float(), correct + c
+                loss_sum = loss_sum + ce_sum.detach().float()
             if dy is not None and parallel_state.get_tensor_model_parallel_world_size() > 1:
                 torch.distributed.all_reduce(dy, group=parallel_state.get_tensor_model_parallel_group())
-            return loss_sum, correct, y, dy
+            return loss_sum, hits, y, dy
 
         def stats_of(rows: list[tuple[Tensor, Tensor]]) -> Tensor:
+            """[n, 4] HeadStats.packed() of the rows (CE sum, hits [T, B]) of heads 1..n."""
             counts = [v.sum() for _, v in per_head]
+            joint = joint_hits(torch.stack([hit for _, hit in rows]))  # [n, T, B] bool
+            # whole-tensor sums: a bool sum over some dims takes a slow path on CPU (~1 ms here, 50x)
             return torch.stack(
-                [torch.stack([s, c.float(), k.float()]) for (s, c), k in zip(rows, counts, strict=True)]
+                [
+                    torch.stack([s, hit.sum().float(), k.float(), j.sum().float()])
+                    for (s, hit), k, j in zip(rows, counts, joint, strict=True)
+                ]
             )
 
         def total_loss(rows: list[tuple[Tensor, Tensor]]) -> Tensor:
@@ -165,11 +173,11 @@ class MTPLoss:
             rows, terms = [], []
             for i in range(n):
                 tgt, valid = per_head[i]
-                ce_sum, c = _chunk_ce(
+                ce_sum, hits = _chunk_ce(
                     unembed(heads.forward_head(i, h, rotary_pos_emb)), tgt, valid, vocab_limit
                 )
                 terms.append(ce_sum * scales[i])
-                rows.append((ce_sum.detach().float(), c))
+                rows.append((ce_sum.detach().float(), hits))
             return sum(terms), HeadStats.unpacked(stats_of(rows))
 
         params = list(
@@ -184,8 +192,8 @@ class MTPLoss:
             grad_z = torch.zeros_like(z)
             rows = []
             for i in range(n):
-                loss_sum, correct, y, dy = head_loss(i, z, w_grad)
-                rows.append((loss_sum, correct))
+                loss_sum, hits, y, dy = head_loss(i, z, w_grad)
+                rows.append((loss_sum, hits))
                 own = heads.head_parameters(i)
                 g = torch.autograd.grad(y, [z, *own], grad_outputs=dy, allow_unused=True)
                 grad_z += g[0]

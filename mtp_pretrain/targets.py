@@ -45,6 +45,18 @@ def target_mask(
     return valid, (torch.cumsum(is_eos, dim=1, dtype=torch.int32) - is_eos)
 
 
+def joint_hits(hits: Tensor) -> Tensor:
+    """[n, ...] bool, row k-1 = "head k hit its (valid) target" -> row k-1 = "heads 1..k ALL hit theirs".
+
+    Summed over positions, row k-1 is :attr:`HeadStats.joint` [k-1]: the teacher-forced count behind
+    ``accept_k`` (see :meth:`HeadStats.acceptance`).
+    """
+    out = hits.clone()
+    for k in range(1, out.shape[0]):  # n is small: n - 1 elementwise ANDs (a bool cummin is slower on CPU)
+        out[k] &= out[k - 1]
+    return out
+
+
 @dataclass
 class HeadStats:
     """Per-head sums over target positions; sums, so they add across micro-batches and data-parallel ranks."""
@@ -52,19 +64,27 @@ class HeadStats:
     loss_sum: Tensor  # [n] summed cross-entropy over valid targets (fp32 or wider)
     correct: Tensor  # [n] top-1 hits
     count: Tensor  # [n] valid targets
+    # [n] positions where heads 1..k ALL hit their valid targets (k = 1..n; joint[0] == correct[0]): the
+    # draft acceptance of self-speculative decoding, teacher-forced (see acceptance()). Zeros when not measured.
+    joint: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.joint is None:
+            self.joint = torch.zeros_like(self.correct)
 
     @property
     def n(self) -> int:
         return self.loss_sum.shape[0]
 
     def packed(self) -> Tensor:
-        """[n, 3] (loss_sum, correct, count) in the loss sum's dtype: one tensor to reduce across ranks."""
+        """[n, 4] (loss_sum, correct, count, joint) in the loss sum's dtype: one tensor to reduce across ranks."""
         dtype = self.loss_sum.dtype
-        return torch.stack([self.loss_sum, self.correct.to(dtype), self.count.to(dtype)], dim=1)
+        cols = [self.loss_sum, self.correct.to(dtype), self.count.to(dtype), self.joint.to(dtype)]
+        return torch.stack(cols, dim=1)
 
     @classmethod
     def unpacked(cls, packed: Tensor) -> HeadStats:
-        return cls(packed[:, 0], packed[:, 1], packed[:, 2])
+        return cls(packed[:, 0], packed[:, 1], packed[:, 2], packed[:, 3])
 
     @classmethod
     def total(cls, parts: list[HeadStats]) -> HeadStats:
@@ -77,6 +97,37 @@ class HeadStats:
         out: dict[str, float] = {}
         for k, (lo, ac) in enumerate(zip(loss, acc, strict=True), start=1):
             out[f"loss/head{k}"], out[f"acc/head{k}"] = lo, ac
+        return out
+
+    def acceptance(self) -> dict[str, float]:
+        """``accept_k`` (k = 2..n) and ``tokens_per_forward``: self-speculative decoding's speed, teacher-forced.
+
+        ``accept_k = joint[k-1] / count[k-1]``: the fraction of positions t where heads 1..k all predict their
+        targets (greedy; head k's valid positions are valid for heads 1..k-1 too, as padding trails and
+        documents are contiguous); ``accept_1`` is ``acc/head1`` and not repeated. Self-speculative decoding
+        (inference/generate.py) standing at t emits head 1's token, which is by definition the model's own
+        greedy choice, and accepts head j's draft of token t+j iff the drafts of heads 2..j all equal the
+        greedy continuation. On the model's own greedy continuation (accept_1 = 1), "heads 1..k all hit" at t
+        is therefore exactly "drafts 2..k accepted", and a forward at t gains A(t) + 1 = sum_k C_k(t) tokens,
+        C_k(t) = 1[heads 1..k hit at t] (tests/unit/test_acceptance.py). On held-out text the positions where
+        head 1 misses are not on the model's own path, so the estimate conditions on head 1's hit:
+
+            P(drafts 2..k accepted) ~ accept_k / accept_1
+            tokens_per_forward = 1 + sum_{k=2..n} accept_k / accept_1     (= E[A] + 1, A's tail sum)
+
+        It estimates the mean tokens per *drafting* forward of greedy self-speculative decoding that always
+        drafts (``min_tokens_per_forward=0``; in DecodeStats ``(proposed[0] + sum(accepted)) / proposed[0]``,
+        whose ``tokens_per_forward`` also counts the prompt's forward, which gains 1), under two
+        approximations: head k is judged against the text's token t+k, not the model's greedy token (they
+        differ after a head-1 miss inside t+1..t+k-1), and every position weighs alike, while the decoder
+        stands only where its accepted runs end. {} for n = 1.
+        """
+        if self.n < 2:
+            return {}
+        rate = (self.joint.double() / self.count.double().clamp(min=1)).tolist()
+        out = {f"accept_{k}": rate[k - 1] for k in range(2, self.n + 1)}
+        # no head-1 hit at all: nothing to condition on, and no draft could be confirmed
+        out["tokens_per_forward"] = 1.0 + (sum(rate[1:]) / rate[0] if rate[0] > 0 else 0.0)
         return out
 
 

@@ -1,4 +1,6 @@
-"""Validation: per-head held-out loss and accuracy, the same documents at every validation.
+"""Validation: per-head held-out loss and accuracy, the same documents at every validation, and the draft
+acceptance of self-speculative decoding they imply (``accept_k``, ``tokens_per_forward``: teacher-forced, free
+from the same forward; :meth:`~mtp_pretrain.targets.HeadStats.acceptance` states the estimator).
 
 Bad validation data follows ``data.on_error`` like training data: ``skip`` skips, counts (:attr:`Validator.errors`)
 and logs each bad shard or sample, ``raise`` raises a one-line :class:`~mtp_pretrain.errors.DataError` naming it.
@@ -45,7 +47,8 @@ class Validator:
         self.errors: dict[str, int] = {}  # shards/samples this rank skipped in its last validation
 
     def run(self) -> dict[str, float]:
-        """``loss`` (weighted like training), ``loss/head{k}`` and ``acc/head{k}``; {} off the last stage."""
+        """``loss`` (weighted like training), ``loss/head{k}`` and ``acc/head{k}`` (k = 1..n), ``accept_k``
+        (k = 2..n) and ``tokens_per_forward`` (n > 1); {} off the last stage."""
         cfg, t = self.cfg, self.cfg.trainer
         sample_len = cfg.model.seq_len + cfg.mtp.n
         stream = validation_batches(
@@ -77,4 +80,5 @@ class Validator:
             return {}
         m = stats.metrics()
         weights = cfg.mtp.weights()
-        return {"loss": sum(w * m[f"loss/head{i}"] for i, w in enumerate(weights, start=1)), **m}
+        loss = sum(w * m[f"loss/head{i}"] for i, w in enumerate(weights, start=1))
+        return {"loss": loss, **m, **stats.acceptance()}

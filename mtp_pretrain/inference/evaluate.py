@@ -25,7 +25,7 @@ from mtp_pretrain.data.sources import validation_batches, validation_sets
 from mtp_pretrain.data.tokenizer import pad_id
 from mtp_pretrain.inference.generate import generate
 from mtp_pretrain.inference.weights import LoadedModel
-from mtp_pretrain.targets import HeadStats, HeadTargets, target_mask
+from mtp_pretrain.targets import HeadStats, HeadTargets, joint_hits, target_mask
 
 
 def run_validation_data(model: LoadedModel) -> tuple[list[Dataset], bool, str]:
@@ -58,30 +58,34 @@ def read_batches(
 def heldout_metrics(
     model: LoadedModel, batches: Sequence[torch.Tensor], mask_doc_boundaries: bool = False
 ) -> dict[str, float]:
-    """{loss,ppl,acc,tokens}/head<i> over packed batches [B, context + n] (see read_batches)."""
+    """{loss,ppl,acc,tokens}/head<i> over packed batches [B, context + n] (see read_batches), and the
+    validation's teacher-forced draft acceptance ``accept_k`` and ``tokens_per_forward`` (HeadStats.acceptance)."""
     dec = model.decoder
     n, seq = dec.cfg.mtp_heads, dec.cfg.context
     pad = pad_id(model.tokenizer)
     # summed in fp64 over every batch: the mean is taken once, over all valid targets (as validation does)
-    stats = HeadStats.unpacked(torch.zeros(n, 3, dtype=torch.float64))
+    stats = HeadStats.unpacked(torch.zeros(n, 4, dtype=torch.float64))
     for tokens in batches:
         valid, segments = target_mask(tokens, model.eos, pad, mask_doc_boundaries)
         targets = HeadTargets(tokens, valid, segments)
         logits = dec(tokens[:, :seq].to(dec.embed.device))  # [n, B, T, V]
+        hits = []
         for i in range(n):
             tgt, ok = targets.of_head(i, seq)  # [T, B]
             lg = logits[i].transpose(0, 1).float().cpu()  # [T, B, V]
             ce = F.cross_entropy(lg.flatten(0, 1), tgt.flatten(), reduction="none").view_as(tgt)
             stats.loss_sum[i] += (ce * ok).sum().double()
-            stats.correct[i] += ((lg.argmax(-1) == tgt) & ok).sum()
+            hits.append((lg.argmax(-1) == tgt) & ok)
+            stats.correct[i] += hits[-1].sum()
             stats.count[i] += ok.sum()
+        stats.joint += torch.stack([j.sum() for j in joint_hits(torch.stack(hits))])
     head = stats.metrics()
     out: dict[str, float] = {}
     for k in range(1, n + 1):
         loss = head[f"loss/head{k}"]
         out |= {f"loss/head{k}": loss, f"ppl/head{k}": math.exp(loss), f"acc/head{k}": head[f"acc/head{k}"]}
         out[f"tokens/head{k}"] = float(stats.count[k - 1])
-    return out
+    return out | stats.acceptance()
 
 
 def acceptance(

@@ -8,12 +8,15 @@ a pipe) every emitted train record becomes one line with the ETA, so logs stay g
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Callable, Mapping
 
 from tqdm import tqdm
 
 from mtp_pretrain.metrics.sink import head_ids
+
+_ACCEPT_KEY = re.compile(r"^accept_\d+$")
 
 # --------------------------------------------------------------------------------------------------
 # formatting helpers
@@ -84,9 +87,24 @@ def format_train_line(step: int, total_steps: int, metrics: Mapping[str, float],
     return " | ".join(parts)
 
 
+def _acceptance_fields(metrics: Mapping[str, float]) -> list[str]:
+    """``["accept 2:0.62 3:0.51", "2.13 tok/fwd"]`` from ``accept_k`` and ``tokens_per_forward``, when present."""
+    ks = sorted(int(key[len("accept_") :]) for key in metrics if _ACCEPT_KEY.match(key))
+    fields = [" ".join(["accept", *(f"{k}:{metrics[f'accept_{k}']:.2f}" for k in ks)])] if ks else []
+    if "tokens_per_forward" in metrics:
+        fields.append(f"{metrics['tokens_per_forward']:.2f} tok/fwd")
+    return fields
+
+
 def format_val_line(step: int, metrics: Mapping[str, float]) -> str:
-    """``val step 100 | loss 2.40 | h1 2.01 acc1 0.452 h2 2.30 acc2 0.301``."""
-    return " | ".join([f"val step {step}", *_loss_fields(metrics, with_acc=True)])
+    """``val step 100 | loss 2.40 | h1 2.01 acc1 0.452 h2 2.30 acc2 0.301 | accept 2:0.25 | 1.55 tok/fwd``.
+
+    ``accept k:x``: heads 1..k all right at a fraction x of positions; ``tok/fwd``: the tokens per forward of
+    self-speculative decoding that implies (HeadStats.acceptance in mtp_pretrain/targets.py).
+    """
+    return " | ".join(
+        [f"val step {step}", *_loss_fields(metrics, with_acc=True), *_acceptance_fields(metrics)]
+    )
 
 
 def _postfix_str(step: int, metrics: Mapping[str, float]) -> str:

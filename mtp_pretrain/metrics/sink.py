@@ -7,6 +7,8 @@ metrics (train and val alike)::
     loss                      total loss
     loss/head1 .. loss/headN  per-head loss (head k predicts token t+k)
     acc/head1 .. acc/headN    per-head top-1 accuracy
+    accept_2 .. accept_N      validation only: fraction of positions where heads 1..k all hit their targets
+    tokens_per_forward        validation only: self-speculative tokens per drafting forward implied by them
     lr, grad_norm, tokens_per_s, mem_gb
     mfu                       model FLOPs utilisation as a fraction (0.012 -> printed "1.2%")
     data/*                    running totals of the data pipeline's error counters

@@ -54,6 +54,17 @@ def test_format_val_line() -> None:
     assert line == "val step 100 | loss 2.40 | h1 2.01 acc1 0.452 h2 2.30"
 
 
+def test_format_val_line_with_draft_acceptance() -> None:
+    m = {
+        "loss/head1": 2.01,
+        "loss/head2": 2.3,
+        "accept_3": 0.1234,
+        "accept_2": 0.3,
+        "tokens_per_forward": 1.5,
+    }
+    assert format_val_line(7, m) == "val step 7 | h1 2.01 h2 2.30 | accept 2:0.30 3:0.12 | 1.50 tok/fwd"
+
+
 def test_tty_mode_uses_progress_bar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(console, "_stdout_is_tty", lambda: True)
     lg = MetricsLogger(logging_cfg(log_every=5), tmp_path / "run", total_steps=10, start_step=2, n_heads=2)
