@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mtp_pretrain import compat
+from mtp_pretrain import compat, determinism
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,9 @@ def init_distributed(
 ) -> Layout:
     """Start torch.distributed (env:// under torchrun, a private world of one otherwise) and megatron groups."""
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     compat.apply()
+    determinism.warm_up_vml()  # before any parallel region: see there
     if not dist.is_initialized():
         backend = "nccl" if compat.cuda_available() else "gloo"
         if backend == "nccl":
@@ -79,7 +79,9 @@ def init_distributed(
             pipeline_model_parallel_size=pp,
             virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
         )
-    model_parallel_cuda_manual_seed(seed)
+    from mtp_pretrain.rng import seed_streams  # imports megatron: not at this module's import
+
+    seed_streams(seed)
     return layout
 
 

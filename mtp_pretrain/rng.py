@@ -1,4 +1,5 @@
-"""Every random stream of a rank (python, numpy, torch CPU/CUDA, megatron's tracker) as tensors and lists.
+"""Every random stream of a rank (python, numpy, torch CPU/CUDA, megatron's tracker): seeded from the run's
+seed, and captured / restored as tensors and lists for the rank's checkpoint file.
 
 Kept to types `torch.load(weights_only=True)` accepts, so loading a checkpoint never unpickles code.
 """
@@ -11,6 +12,17 @@ from typing import Any
 import numpy as np
 import torch
 from megatron.core import tensor_parallel
+
+
+def seed_streams(seed: int) -> None:
+    """Start python's and numpy's global generators and megatron's tracker (its data-, model- and
+    expert-parallel streams, offset per rank as megatron does) from the run's seed: a fresh process would
+    otherwise seed python and numpy from OS entropy, so two runs of one config would save different states.
+    torch's global generator is its owner's to seed (the trainer does, before building the model); tools that
+    start a world keep torch's fixed default."""
+    random.seed(seed)
+    np.random.seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
 def get_rng_state() -> dict[str, Any]:

@@ -13,6 +13,7 @@ another's memory figures); this script only runs them, collects their JSON and s
                                              mtp_num_layers): peak memory and step time vs ours
     attention   tools/bench_attention.py     core attention model.attention=sdpa vs local: step time and
                                              peak memory at T=1024 and 2048
+    determinism tools/bench_determinism.py   step time with trainer.deterministic on vs off
     data        tools/bench_data.py          data-loader tokens/s over the training step's consumption
     decode      tools/bench_decode.py        self-speculative vs greedy decoding, batch 1 and 8, on the
                                              main job's model (trained first with the default config if
@@ -46,6 +47,7 @@ SUITE = {
     "step": ("bench_step.py", ["--steps", "4"]),
     "megatron": ("bench_megatron_mtp.py", []),
     "attention": ("bench_attention.py", []),
+    "determinism": ("bench_determinism.py", ["--steps", "6"]),
     "data": ("bench_data.py", ["--seconds", "1.5", "--train-steps", "6"]),
     "decode": ("bench_decode.py", []),
 }
@@ -54,6 +56,7 @@ GROUPS = {
     "step": ["step"],
     "megatron": ["megatron"],
     "attention": ["attention"],
+    "determinism": ["determinism"],
     "data": ["data"],
     "decode": ["decode"],
 }
@@ -147,6 +150,14 @@ def summarise(raw: dict) -> list[list[str]]:
                     f"sdpa/local: time {r['time_ratio']:.2f}x, memory {r['memory_ratio']:.2f}x",
                 ]
             )
+    if res := raw.get("determinism", {}).get("result"):
+        rows.append(
+            [
+                "trainer.deterministic=true vs false (cpu_demo model)",
+                f"step {res['step_s']['on']:.3f} vs {res['step_s']['off']:.3f} s, same losses: {res['same_losses']}",
+                f"on/off: time {res['slowdown']:.2f}x",
+            ]
+        )
     if res := raw.get("data", {}).get("result"):
         worst = min(res["rows"], key=lambda r: r["ratio"])
         rows.append(

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 from mtp_pretrain.checkpoint import Checkpointer, CheckpointError
 from mtp_pretrain.data.tokenizer import eos_id, load_tokenizer
+from mtp_pretrain.determinism import warm_up_vml
 from mtp_pretrain.export import MTP_FILE, MTP_PREFIX, checkpoint_as_llama
 from mtp_pretrain.inference.model import DecoderConfig, MTPDecoder
 
@@ -90,6 +91,7 @@ def load_model(
     tokenizer: str | Path | None = None,
 ) -> LoadedModel:
     """The decoder and tokenizer of a run dir, checkpoint or export, in ``dtype`` on ``device``."""
+    warm_up_vml()  # before the RoPE tables: MKL's first vector-math call must not run split over threads
     source = resolve(path)
     config, tensors, tok_json = _read(source)
     n = int(config.get("mtp_n_heads", 1))

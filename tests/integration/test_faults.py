@@ -1,5 +1,6 @@
 """Kill -9 at arbitrary points (mid gradient accumulation, mid save, between save and marker), signals and a
-stop file: the resumed run's losses and final parameters are bit-identical to an uninterrupted run's."""
+stop file: the resumed run's losses, final parameters and random streams are bit-identical to an uninterrupted
+run's. Every run trains with dropout, so each resume must also continue the dropout streams bit for bit."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def _overrides(source: Path, cache: Path, run_dir: Path) -> list[str]:
             "trainer.grad_accum": 2,
             "trainer.keep_last": 5,
             "logging.plot": "false",
+            "model.dropout": 0.1,  # hidden + attention dropout: torch's and megatron's tracker streams
         },
     )
 
@@ -79,6 +81,17 @@ def _assert_same_run(run_dir: Path, reference: dict) -> None:
     assert sum(k.startswith("optimizer.state.exp_avg.") for k in tensors) > 10
     worst = max((got[k].double() - want[k].double()).abs().max().item() for k in tensors)
     assert worst == 0.0, worst  # parameters and optimizer moments
+    want_rng, got_rng = (
+        torch.load(r / "checkpoints" / final / "rank_00000.pt", weights_only=True)["rng"]
+        for r in (reference["run_dir"], run_dir)
+    )
+    assert torch.equal(got_rng["torch"], want_rng["torch"])  # no stream was drawn from after a restore
+    assert all(torch.equal(got_rng["tracker"][k], want_rng["tracker"][k]) for k in want_rng["tracker"])
+    assert got_rng["python"] == want_rng["python"]  # seeded from trainer.seed, not from OS entropy
+    assert all(
+        torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+        for a, b in zip(got_rng["numpy"], want_rng["numpy"], strict=True)
+    )
 
 
 def test_kill_at_every_kind_of_point_then_resume_is_bit_identical(dist_world, reference, synthetic_source):

@@ -33,10 +33,12 @@ def test_the_model_knows_nothing_of_the_loss():
     assert "mtp_pretrain.loss" not in loaded and "mtp_pretrain.build" not in loaded
 
 
-def test_the_config_imports_only_the_slurm_schema():
-    """config.py is at the bottom of the import graph: every module may import it."""
+def test_the_config_imports_only_the_slurm_schema_and_the_errors():
+    """config.py is at the bottom of the import graph: every module may import it (errors.py imports only
+    the standard library)."""
     assert _imported_with("mtp_pretrain.config") == [
         "mtp_pretrain",
         "mtp_pretrain.config",
+        "mtp_pretrain.errors",
         "mtp_pretrain.slurm",
     ]

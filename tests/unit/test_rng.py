@@ -8,7 +8,7 @@ import pytest
 import torch
 from megatron.core import tensor_parallel
 
-from mtp_pretrain.rng import get_rng_state, set_rng_state
+from mtp_pretrain.rng import get_rng_state, seed_streams, set_rng_state
 
 
 @pytest.fixture
@@ -84,3 +84,17 @@ def test_state_is_a_snapshot(restore_rng):
     _assert_same(_draw(), before)
     set_rng_state(after_draw)
     _assert_all_differ(_draw(), before)
+
+
+def test_seed_streams_starts_python_numpy_and_tracker_from_the_seed(restore_rng):
+    """A fresh process seeds python and numpy from OS entropy: two runs of one config must not save
+    different states, so the run's seed starts them (torch's global generator is the trainer's to seed)."""
+    draws = []
+    for seed in (7, 7, 8):
+        seed_streams(seed)
+        torch.manual_seed(0)  # the same torch stream each time: only the seeded streams may differ
+        draws.append(_draw())
+    _assert_same(draws[0], draws[1])
+    assert draws[0]["python"] != draws[2]["python"]
+    assert not np.array_equal(draws[0]["numpy"], draws[2]["numpy"])
+    assert not torch.equal(draws[0]["tracker"], draws[2]["tracker"])
