@@ -234,12 +234,20 @@ def plot(raw: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def update_readme(table: str, readme: Path) -> None:
+def update_readme(table: str, readme: Path, partial: bool = False) -> None:
+    """Write ``table`` between the README's bench markers. ``partial`` (a run of some benchmarks only): keep
+    the other rows, replacing those with the same first cell and appending new ones."""
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
         raise SystemExit(f"{readme} has no {README_BEGIN} ... {README_END} section to fill")
     head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
+    old, tail = rest.split(README_END, 1)
+    if partial:
+        header = table.splitlines()[:2]
+        new = {line.split(" | ")[0]: line for line in table.splitlines()[2:]}
+        kept = [line for line in old.splitlines() if line.startswith("| ") and line != header[0]]
+        rows = [new.pop(line.split(" | ")[0], line) for line in kept] + list(new.values())
+        table = "\n".join(header + rows) + "\n"
     stamp = time.strftime("%Y-%m-%d")
     note = f"_Measured by `make bench` on {stamp}; see bench/results.png._"
     readme.write_text(f"{head}{README_BEGIN}\n{note}\n\n{table}{README_END}{tail}")
@@ -289,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
     plot(raw, out / "results.png")
     print(f"\n{table}\nthis run: {total / 60:.1f} min; wrote {out}/results.json, results.md, results.png")
     if a.readme:
-        update_readme(table, REPO / a.readme)
+        update_readme(table, REPO / a.readme, partial=set(a.only.split(",")) != set(GROUPS))
         print(f"{a.readme}: benchmark table updated")
     if any("error" in e for e in raw.values()):
         sys.exit(1)

@@ -71,6 +71,14 @@ def test_markdown_table_and_readme_section(tmp_path):
     assert text.endswith(f"{table}{README_END}\nafter\n") and "old" not in text
 
 
+def test_a_partial_run_keeps_the_other_rows(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{README_BEGIN}\n{markdown([['a', '1', 'x'], ['b', '2', 'y']])}{README_END}\n")
+    update_readme(markdown([["b", "3", "z"], ["c", "4", "w"]]), readme, partial=True)
+    rows = [line for line in readme.read_text().splitlines() if line.startswith("| ")][2:]
+    assert rows == ["| a | 1 | x |", "| b | 3 | z |", "| c | 4 | w |"]
+
+
 def test_readme_without_the_section_is_refused(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("no markers\n")
