@@ -39,6 +39,13 @@ class ConfigError(UsageError):
 
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "local", "te")  # model.attention
+WEIGHT_SCHEDULES = (
+    "constant",
+    "step",
+    "linear",
+    "forward",
+    "reverse",
+)  # mtp.weight_schedule (weight_schedule.py)
 TE_MISSING = (
     "model.attention=te: transformer_engine does not import here; install Transformer Engine "
     "(pip install transformer-engine[pytorch]) or use model.attention=auto (sdpa without it)"
@@ -76,6 +83,21 @@ class MTPConfig:
     extra_heads_weight: float = 1.0
     memory_efficient: bool = True  # per-head forward/backward on the detached trunk output
     chunk_size: int = 0  # > 0: unembedding + CE in sequence chunks of this length
+    # Each head's CE divided by: "global" = its valid targets over the whole optimizer step (all micro-batches,
+    # all DP ranks; the gradient does not depend on the layout), or "micro_batch" = the micro-batch's own
+    # count, then averaged over micro-batches and ranks (the behaviour before; Megatron-LM's default)
+    loss_normalization: str = "global"
+    # Loss weights over training (mtp_pretrain/weight_schedule.py states each rule and its source): constant
+    # (weights() throughout) | step (DeepSeek-V3: heads 2..n weigh weight_start, then weight_end from
+    # weight_switch_at of the training tokens) | linear (weight_start -> weight_end over training) | forward /
+    # reverse (Aynetdinov & Akbik 2025: heads 2..n switched on / off one after another over curriculum_fraction)
+    weight_schedule: str = "constant"
+    weight_start: float = 0.3  # step, linear: heads 2..n's weight at the start (DeepSeek-V3's first lambda)
+    weight_end: float = 0.1  # step: after the switch; linear: at the end (DeepSeek-V3's second lambda)
+    weight_switch_at: float = (
+        0.676  # step: fraction of training; DeepSeek-V3 switched after 10T of 14.8T tokens
+    )
+    curriculum_fraction: float = 1.0  # forward, reverse: the heads switch over this fraction of training
 
     def weights(self) -> list[float]:
         """The loss weight of every head."""
@@ -280,6 +302,31 @@ def validate(cfg: Config) -> None:
         )
         _require(all(w >= 0 for w in mtp.loss_weights), "mtp.loss_weights must be >= 0")
     _require(mtp.extra_heads_weight >= 0, f"mtp.extra_heads_weight={mtp.extra_heads_weight} must be >= 0")
+    _require(
+        mtp.loss_normalization in ("global", "micro_batch"),
+        f"mtp.loss_normalization={mtp.loss_normalization!r}: use global (one denominator per head for the whole "
+        "optimizer step) or micro_batch (each micro-batch's own mean)",
+    )
+    _require(
+        mtp.weight_schedule in WEIGHT_SCHEDULES,
+        f"mtp.weight_schedule={mtp.weight_schedule!r}: use one of {', '.join(WEIGHT_SCHEDULES)}",
+    )
+    if mtp.weight_schedule in ("step", "linear"):
+        _require(
+            mtp.loss_weights is None,
+            f"mtp.loss_weights is set but mtp.weight_schedule={mtp.weight_schedule} sets heads 2..n's weight from "
+            "mtp.weight_start/weight_end: drop mtp.loss_weights (head 1 then weighs 1) or use constant/forward/reverse",
+        )
+        for key, value in [("mtp.weight_start", mtp.weight_start), ("mtp.weight_end", mtp.weight_end)]:
+            _require(value >= 0, f"{key}={value} must be >= 0 (the loss weight of heads 2..n)")
+    _require(
+        0 <= mtp.weight_switch_at <= 1,
+        f"mtp.weight_switch_at={mtp.weight_switch_at} must be a fraction of training in [0, 1] (0.676: DeepSeek-V3)",
+    )
+    _require(
+        0 < mtp.curriculum_fraction <= 1,
+        f"mtp.curriculum_fraction={mtp.curriculum_fraction} must be a fraction of training in (0, 1]",
+    )
     _require(mtp.chunk_size >= 0, f"mtp.chunk_size={mtp.chunk_size} must be >= 0 (0 = no chunking)")
     _require(m.seq_len >= 1, f"model.seq_len={m.seq_len} must be >= 1")
     for key, value in [

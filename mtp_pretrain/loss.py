@@ -16,7 +16,7 @@ gradients under ZeRO and overlapped DDP reduction, measured; see docs/architectu
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from torch import Tensor
 from mtp_pretrain.config import MTPConfig
 from mtp_pretrain.model.heads import MTPHeads
 from mtp_pretrain.model.vocab import mask_vocab_padding, vocab_parallel_argmax
-from mtp_pretrain.targets import HeadStats, HeadTargets, joint_hits
+from mtp_pretrain.targets import HeadStats, HeadTargets, StepCounts, joint_hits
 
 
 def _chunk_ce(
@@ -70,19 +70,42 @@ class _DetachedHeadsLoss(torch.autograd.Function):
         return (grad_h.mul_(grad_loss), None, *scaled)
 
 
-@dataclass(frozen=True)
+@dataclass
 class MTPLoss:
     """The loss of the heads, as the model's last stage calls it (``loss_fn`` of MTPModel): the MTP settings
-    bound, the model's tensors passed in. Returns (weighted total loss, per-head statistics)."""
+    bound, the model's tensors passed in. Returns (weighted total loss, per-head statistics).
 
-    weights: Sequence[float]  # per head (MTPConfig.weights())
+    Normalization (``mtp.loss_normalization``): ``global`` divides head i's CE sum by its valid targets over
+    the whole optimizer step, ``step_counts``, which the engine sets for the duration of each step
+    (engine/base.step_normalization); a call outside an engine step (``step_counts`` None) is its own step.
+    ``micro_batch`` divides by the micro-batch's own count (the engines then average the micro-batches and
+    DP ranks: the gradient depends on how the valid targets fall into micro-batches).
+    """
+
+    weights: Sequence[float]  # per head (MTPConfig.weights()); the trainer sets each step's (weight_schedule)
     chunk_size: int = 0
     memory_efficient: bool = True
     vocab_limit: int | None = None  # ids >= this are vocabulary padding: never predicted
+    normalization: str = "global"  # or "micro_batch" (MTPConfig.loss_normalization)
+    # this optimizer step's per-head denominators under "global"; set and cleared by the engine
+    step_counts: StepCounts | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.normalization not in ("global", "micro_batch"):
+            raise ValueError(f"normalization={self.normalization!r}: use global or micro_batch")
 
     @classmethod
     def from_config(cls, mtp: MTPConfig, vocab_limit: int | None = None) -> MTPLoss:
-        return cls(tuple(mtp.weights()), mtp.chunk_size, mtp.memory_efficient, vocab_limit)
+        return cls(
+            tuple(mtp.weights()), mtp.chunk_size, mtp.memory_efficient, vocab_limit, mtp.loss_normalization
+        )
+
+    def _scales(self, per_head: Sequence[tuple[Tensor, Tensor]]) -> list[float]:
+        """The factor of each head's CE sum in this call's loss (a constant of the graph, like a weight)."""
+        if self.normalization == "global" and self.step_counts is not None:
+            return self.step_counts.scales(self.weights)
+        # the mean over this call's own valid targets: "micro_batch", or a call that is the whole step
+        return [w / max(int(v.sum()), 1) for w, (_, v) in zip(self.weights, per_head, strict=True)]
 
     def __call__(
         self,
@@ -93,17 +116,17 @@ class MTPLoss:
         targets: HeadTargets,
         rotary_pos_emb: Tensor | None,
     ) -> tuple[Tensor, HeadStats]:
-        """Loss = sum_i w_i * mean CE of head i over its valid targets, and the per-head statistics (with
-        the joint hits of heads 1..k behind the validation's draft acceptance, HeadStats.acceptance).
+        """Loss = sum_i w_i * mean CE of head i over its valid targets (those of the optimizer step, or of this
+        micro-batch: see the class), and the per-head statistics (with the joint hits of heads 1..k behind
+        the validation's draft acceptance, HeadStats.acceptance).
 
         h: trunk output [T, B, d]. `unembed` maps [t, B, d] -> vocab-parallel logits [t, B, V/tp] with
         `unembed_weight`. chunk_size > 0 computes the unembedding + CE in sequence chunks of that length.
         """
-        weights, chunk_size, vocab_limit = self.weights, self.chunk_size, self.vocab_limit
+        chunk_size, vocab_limit = self.chunk_size, self.vocab_limit
         seq_len, n = h.shape[0], heads.n
         per_head = [targets.of_head(i, seq_len) for i in range(n)]
-        # mean over this micro-batch's valid targets; the scale is a constant of the graph, like a loss weight
-        scales = [w / max(int(v.sum()), 1) for w, (_, v) in zip(weights, per_head, strict=True)]
+        scales = self._scales(per_head)
 
         def head_loss(
             i: int, z: Tensor, w_grad: Tensor | None

@@ -3,10 +3,13 @@ norm, throughput, MFU, memory, and the run's counters (steps dropped as non-fini
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import psutil
 import torch
 from megatron.core import parallel_state
 
+from mtp_pretrain import weight_schedule
 from mtp_pretrain.config import Config
 from mtp_pretrain.data.loader import BatchLoader
 from mtp_pretrain.data.shard_reader import ERROR_KINDS
@@ -30,8 +33,15 @@ class StepMetrics:
         self.peak = peak_flops(torch.bfloat16 if t.bf16 else torch.float32) * layout.world_size
         self.loader = loader
 
-    def of_step(self, result: StepResult, seconds: float, nonfinite_steps: int) -> dict[str, float]:
-        """The step's metrics; only the counters off the last pipeline stage (it alone holds the losses)."""
+    def of_step(
+        self,
+        result: StepResult,
+        seconds: float,
+        nonfinite_steps: int,
+        weights: Sequence[float] | None = None,
+    ) -> dict[str, float]:
+        """The step's metrics; only the counters off the last pipeline stage (it alone holds the losses).
+        ``weights``: the heads' loss weights of the step (mtp.weight_schedule), logged as ``mtp_weight_k``."""
         m: dict[str, float] = {"nonfinite_steps": nonfinite_steps}
         if result.head_stats is None:
             return m
@@ -40,6 +50,7 @@ class StepMetrics:
             "loss": result.loss,
             **result.head_stats.metrics(),
             **m,
+            **(weight_schedule.metrics(weights) if weights is not None else {}),
             "lr": result.lr,
             "grad_norm": result.grad_norm,
             "tokens_per_s": tokens_per_s,

@@ -3,7 +3,7 @@ training, evaluation and inference share it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,10 +23,57 @@ class HeadTargets:
     def of_head(self, i: int, seq_len: int) -> tuple[Tensor, Tensor]:
         """[T, B] targets and validity of head i, in megatron's sequence-first layout."""
         sl = slice(i + 1, i + 1 + seq_len)
+        return self.tokens[:, sl].t().contiguous(), self.valid_of_head(i, seq_len).t().contiguous()
+
+    def valid_of_head(self, i: int, seq_len: int) -> Tensor:
+        """[B, T] bool: which of head i's targets count (the loss's mask; batch-first)."""
+        sl = slice(i + 1, i + 1 + seq_len)
         valid = self.valid[:, sl]
         if self.segments is not None:
             valid = valid & (self.segments[:, sl] == self.segments[:, :seq_len])
-        return self.tokens[:, sl].t().contiguous(), valid.t().contiguous()
+        return valid
+
+    @classmethod
+    def of_batch(cls, batch: Sequence[Tensor | None]) -> HeadTargets:
+        """The targets of a model input ``(tokens[, target validity[, document numbers]])`` (engine/base.Batch),
+        as MTPModel.forward builds them (no validity = every target valid)."""
+        tokens, valid, segments = (*batch, None, None)[:3]
+        return cls(tokens, torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid, segments)
+
+
+def valid_counts(batches: Iterable[Sequence[Tensor | None]], seq_len: int) -> Tensor:
+    """[n] int64: the valid targets of each head, summed over the micro-batches (n = the tokens' length -
+    ``seq_len``), counted with the loss's own mask (:meth:`HeadTargets.valid_of_head`)."""
+    total: Tensor | None = None
+    for batch in batches:
+        targets = HeadTargets.of_batch(batch)
+        n = targets.tokens.shape[1] - seq_len
+        counts = torch.stack([targets.valid_of_head(i, seq_len).sum() for i in range(n)])
+        total = counts if total is None else total + counts
+    if total is None:
+        raise ValueError("valid_counts of no micro-batch")
+    return total
+
+
+@dataclass(frozen=True)
+class StepCounts:
+    """What the loss divides by under ``mtp.loss_normalization=global``: one denominator per head for the
+    whole optimizer step, whatever its layout (the engine sets it per step, engine/base.step_normalization).
+
+    The engines average the micro-batch losses into the gradient: megatron's schedule divides each by the
+    number of micro-batches and its DDP averages over DP ranks; DeepSpeed divides by its gradient
+    accumulation steps and averages over DP ranks. A micro-batch's head-i loss of ``w_i * averaged /
+    counts[i] * (its CE sum)`` therefore adds up to ``w_i * (CE sum over the step) / counts[i]``.
+    """
+
+    counts: tuple[int, ...]  # head i's valid targets over the step: every micro-batch of every DP rank
+    averaged: int  # the micro-batch losses the engine averages into one gradient: micro-batches x DP ranks
+
+    def scales(self, weights: Sequence[float]) -> list[float]:
+        """The factor of each head's CE sum in one micro-batch's loss: ``w_i * averaged / max(counts[i], 1)``."""
+        if len(weights) != len(self.counts):
+            raise ValueError(f"{len(weights)} loss weights for the step counts of {len(self.counts)} heads")
+        return [w * self.averaged / max(c, 1) for w, c in zip(weights, self.counts, strict=True)]
 
 
 def target_mask(

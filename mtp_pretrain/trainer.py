@@ -17,14 +17,15 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
-from mtp_pretrain import determinism, parallel
+from mtp_pretrain import determinism, parallel, weight_schedule
 from mtp_pretrain.build import build_engine
 from mtp_pretrain.checkpoint_manager import CheckpointManager, DataPosition, TrainState
 from mtp_pretrain.config import Config
 from mtp_pretrain.data.loader import BatchLoader
 from mtp_pretrain.data.sources import build_data_sources
 from mtp_pretrain.data.tokenizer import eos_id, load_tokenizer, pad_id
-from mtp_pretrain.engine.base import Batch, NonFiniteLossError, StepResult
+from mtp_pretrain.engine.base import Batch, Engine, NonFiniteLossError, StepResult
+from mtp_pretrain.loss import MTPLoss
 from mtp_pretrain.metrics import MetricsLogger
 from mtp_pretrain.preemption import StopRequest
 from mtp_pretrain.rng import RNGState
@@ -65,6 +66,7 @@ class Trainer:
         self.vocab_size, self.eos, self.pad = tok.get_vocab_size(), eos_id(tok), pad_id(tok)
         torch.manual_seed(t.seed)  # torch's own streams (dropout); weights come from init_parameters(seed)
         self.engine = build_engine(cfg, self.vocab_size)
+        self.mtp_losses = mtp_losses(self.engine)  # this rank's (last stage): mtp.weight_schedule sets them
         dp_rank, dp = parallel_state.get_data_parallel_rank(), self.layout.dp
         self.train_data = BatchLoader(
             sources.train,
@@ -90,6 +92,7 @@ class Trainer:
             self.tokenizer_path,
         )
         self.checkpoints.restore()
+        self._schedule_weights()  # those of the next step, for a validate() before fit() too
         self.step_metrics = StepMetrics(cfg, self.layout, self.vocab_size, self.train_data)
         self.metrics = MetricsLogger(
             cfg.logging,
@@ -106,7 +109,7 @@ class Trainer:
         return self.state.step
 
     def validate(self) -> dict[str, float]:
-        return self.validator.run()
+        return self.validator.run(self.loss_weights)
 
     def save(self) -> Path:
         return self.checkpoints.save(self.step)
@@ -134,6 +137,7 @@ class Trainer:
         nonfinite, in_a_row = 0, 0
         while self.step < t.steps:
             start = time.perf_counter()
+            weights = self._schedule_weights()
             batches = self._micro_batches(self.train_data, t.grad_accum)
             result = self.engine.train_step(
                 batches, t.grad_accum, cfg.model.seq_len, t.micro_batch_size, stop.requested
@@ -144,7 +148,7 @@ class Trainer:
             nonfinite += result.nonfinite
             if result.nonfinite:
                 self._on_nonfinite(result, in_a_row)
-            m = self.step_metrics.of_step(result, time.perf_counter() - start, nonfinite)
+            m = self.step_metrics.of_step(result, time.perf_counter() - start, nonfinite, weights)
             if self.metrics.emits(self.step):  # on all ranks: the data error counts are all-reduced
                 m.update(self.step_metrics.data_errors())
             if result.head_stats is not None:
@@ -169,6 +173,16 @@ class Trainer:
             self.step, losses, head_losses, val, self.run_dir, ckpt, paths, stop.reason, nonfinite
         )
 
+    def _schedule_weights(self) -> list[float]:
+        """Set this step's loss weights (mtp.weight_schedule at the progress before it) on this rank's losses.
+        A function of the restored TrainState.step alone: a resumed run sets the uninterrupted run's weights."""
+        weights = weight_schedule.head_weights(
+            self.cfg.mtp, weight_schedule.progress(self.step, self.cfg.trainer.steps)
+        )
+        weight_schedule.set_weights(self.mtp_losses, weights)
+        self.loss_weights = weights  # also on ranks without a loss (not the last stage)
+        return weights
+
     def _on_nonfinite(self, result: StepResult, in_a_row: int) -> None:
         """The engine dropped this step's update; abort (nothing saved) if the policy or a streak says so."""
         policy = self.cfg.trainer.nonfinite
@@ -182,3 +196,16 @@ class Trainer:
             print(
                 f"step {self.step}: non-finite loss ({result.loss}): update dropped (trainer.nonfinite=skip)"
             )
+
+
+def mtp_losses(engine: Engine) -> list[MTPLoss]:
+    """The MTPLoss of every model chunk on this rank (build.py binds one as ``loss_fn`` to each last-stage
+    chunk; none elsewhere). Megatron's engine holds its chunks (VPP: several) in ``chunks``, DeepSpeed one model."""
+    roots = getattr(engine, "chunks", None) or [engine.module]
+    found = {
+        id(fn): fn
+        for root in roots
+        for m in root.modules()
+        if isinstance(fn := getattr(m, "loss_fn", None), MTPLoss)
+    }
+    return list(found.values())

@@ -46,7 +46,7 @@ class Validator:
         self.eos, self.pad, self.dp_rank, self.dp_size = eos, pad, dp_rank, dp_size
         self.errors: dict[str, int] = {}  # shards/samples this rank skipped in its last validation
 
-    def run(self) -> dict[str, float]:
+    def run(self, weights: Sequence[float] | None = None) -> dict[str, float]:
         """``loss`` (weighted like training), ``loss/head{k}`` and ``acc/head{k}`` (k = 1..n), ``accept_k``
         (k = 2..n) and ``tokens_per_forward`` (n > 1); {} off the last stage."""
         cfg, t = self.cfg, self.cfg.trainer
@@ -79,6 +79,6 @@ class Validator:
         if stats is None:
             return {}
         m = stats.metrics()
-        weights = cfg.mtp.weights()
+        weights = cfg.mtp.weights() if weights is None else weights  # the step's (mtp.weight_schedule)
         loss = sum(w * m[f"loss/head{i}"] for i, w in enumerate(weights, start=1))
         return {"loss": loss, **m, **stats.acceptance()}

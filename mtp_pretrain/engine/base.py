@@ -3,7 +3,9 @@ base class with the LR schedule and the per-step agreement, and the cross-rank r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import contextlib
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,7 +18,8 @@ from torch import Tensor
 from mtp_pretrain import compat
 from mtp_pretrain.config import OptimConfig
 from mtp_pretrain.errors import EXIT_NONFINITE, MTPError
-from mtp_pretrain.targets import HeadStats
+from mtp_pretrain.loss import MTPLoss
+from mtp_pretrain.targets import HeadStats, StepCounts, valid_counts
 
 # tokens [B, T+n], target validity [B, T+n] (+ optional document numbers [B, T+n]): MTPModel.forward's inputs
 Batch = tuple[Tensor, ...]
@@ -24,7 +27,10 @@ Batch = tuple[Tensor, ...]
 
 @dataclass
 class StepResult:
-    loss: float  # weighted total loss, mean over micro-batches (and data-parallel ranks)
+    # weighted total loss sum_i w_i * (head i's mean CE): under mtp.loss_normalization=global the mean over
+    # the step's valid targets (all micro-batches and DP ranks), under micro_batch the mean over micro-batches
+    # and DP ranks of each micro-batch's mean
+    loss: float
     head_stats: HeadStats | None  # summed over the step's micro-batches and DP ranks; last stage only
     grad_norm: float
     lr: float
@@ -55,11 +61,14 @@ class Engine(Protocol):
         stop_requested: Callable[[], bool] = lambda: False,
     ) -> StepResult:
         """Forward/backward over the micro-batches, then the update unless some rank's loss is NaN/inf.
-        ``stop_requested`` (this rank's wish to stop) is agreed across ranks in the same collective."""
+        ``stop_requested`` (this rank's wish to stop) is agreed across ranks in the same collective. The
+        ``num_microbatches`` batches are read up front: under ``mtp.loss_normalization=global`` the loss
+        divides by their valid targets, counted over all DP ranks (:func:`step_normalization`)."""
 
     def eval_step(
         self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int
-    ) -> tuple[float, HeadStats | None]: ...
+    ) -> tuple[float, HeadStats | None]:
+        """(weighted loss, per-head sums) of the micro-batches without gradients, normalized as training is."""
 
     def save(self, directory: Path) -> None:
         """Write this rank's share of model + optimizer state into ``directory`` (a collective)."""
@@ -132,3 +141,45 @@ def reduce_outputs(outputs: list[dict]) -> tuple[float, HeadStats | None]:
         loss = packed[0] / torch.distributed.get_world_size(dp)
         stats = packed[1:].view_as(stats)
     return float(loss), HeadStats.unpacked(stats)
+
+
+def take(batches: Iterable[Batch], num_microbatches: int) -> list[Batch]:
+    """The step's micro-batches, read up front (small token and mask tensors): their valid targets are
+    counted before the first forward (:func:`step_normalization`)."""
+    taken = list(itertools.islice(batches, num_microbatches))
+    if len(taken) != num_microbatches:
+        raise ValueError(f"{len(taken)} micro-batches for a step of {num_microbatches}")
+    return taken
+
+
+@contextlib.contextmanager
+def step_normalization(
+    modules: Sequence[torch.nn.Module], batches: Sequence[Batch], seq_len: int
+) -> Iterator[None]:
+    """For the duration of one step: hand the loss of this rank's last stage (``mtp.loss_normalization=global``)
+    the step's per-head valid-target counts over all micro-batches and DP ranks (:class:`StepCounts`).
+
+    One all-reduce of n integers over the data-parallel group, on the last pipeline stage only: its DP peers are
+    last-stage ranks too, and every rank holds its micro-batches, so no pipeline communication is needed.
+    The engines average ``len(batches) x dp`` micro-batch losses into the gradient (see StepCounts).
+    """
+    losses = [
+        m.loss_fn
+        for m in modules
+        if isinstance(getattr(m, "loss_fn", None), MTPLoss) and m.loss_fn.normalization == "global"
+    ]
+    if not losses:  # not the last stage, or micro_batch normalization
+        yield
+        return
+    counts = valid_counts(batches, seq_len).to(compat.device())
+    dp = parallel_state.get_data_parallel_group()
+    if torch.distributed.get_world_size(dp) > 1:
+        torch.distributed.all_reduce(counts, group=dp)
+    step = StepCounts(tuple(counts.tolist()), len(batches) * torch.distributed.get_world_size(dp))
+    for loss in losses:
+        loss.step_counts = step
+    try:
+        yield
+    finally:  # a forward outside a step (tests, tools) is its own step again
+        for loss in losses:
+            loss.step_counts = None

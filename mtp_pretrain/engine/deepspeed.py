@@ -32,7 +32,15 @@ from torch import Tensor
 
 from mtp_pretrain import compat
 from mtp_pretrain.config import OptimConfig, ParallelConfig
-from mtp_pretrain.engine.base import Batch, EngineBase, NonFiniteLossError, StepResult, reduce_outputs
+from mtp_pretrain.engine.base import (
+    Batch,
+    EngineBase,
+    NonFiniteLossError,
+    StepResult,
+    reduce_outputs,
+    step_normalization,
+    take,
+)
 from mtp_pretrain.targets import HeadStats
 
 _TAG = "state"  # one DeepSpeed tag per checkpoint directory: <ckpt>/deepspeed/state/
@@ -154,12 +162,16 @@ class DeepSpeedEngine(EngineBase):
             )
         self.ds.train()
         outputs = []
-        for m in range(num_microbatches):
-            loss, stats = self._forward(next(batches))
-            outputs.append({"loss": loss.detach().clone(), "stats": stats})
-            self.ds.backward(loss)  # once per micro-batch (scaled by 1/grad_accum inside)
-            if m < num_microbatches - 1:
-                self.ds.step()  # DeepSpeed counts micro-steps here; it updates only at the boundary (the last)
+        mbs = take(batches, num_microbatches)
+        # DeepSpeed divides each micro-batch's loss by grad_accum and averages the gradients over DP ranks:
+        # mtp.loss_normalization=global cancels both (targets.StepCounts)
+        with step_normalization([self.ds.module], mbs, seq_len):
+            for m, batch in enumerate(mbs):
+                loss, stats = self._forward(batch)
+                outputs.append({"loss": loss.detach().clone(), "stats": stats})
+                self.ds.backward(loss)  # once per micro-batch (scaled by 1/grad_accum inside)
+                if m < num_microbatches - 1:
+                    self.ds.step()  # DeepSpeed counts micro-steps here; it updates only at the boundary (the last)
         loss, stats = reduce_outputs(outputs)
         nonfinite, stop = self._agree(outputs, stop_requested)
         if nonfinite:
@@ -179,10 +191,9 @@ class DeepSpeedEngine(EngineBase):
         self, batches: Iterator[Batch], num_microbatches: int, seq_len: int, micro_batch: int
     ) -> tuple[float, HeadStats | None]:
         self.ds.eval()
-        outputs = []
-        for _ in range(num_microbatches):
-            loss, stats = self._forward(next(batches))
-            outputs.append({"loss": loss, "stats": stats})
+        mbs = take(batches, num_microbatches)
+        with step_normalization([self.ds.module], mbs, seq_len):  # as in training: one denominator per head
+            outputs = [dict(zip(("loss", "stats"), self._forward(batch), strict=True)) for batch in mbs]
         return reduce_outputs(outputs)
 
     def save(self, directory: Path) -> None:

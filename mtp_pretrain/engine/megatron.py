@@ -25,7 +25,7 @@ from torch import Tensor
 
 from mtp_pretrain import compat
 from mtp_pretrain.config import OptimConfig
-from mtp_pretrain.engine.base import Batch, EngineBase, StepResult, reduce_outputs
+from mtp_pretrain.engine.base import Batch, EngineBase, StepResult, reduce_outputs, step_normalization, take
 from mtp_pretrain.targets import HeadStats
 
 
@@ -122,18 +122,21 @@ class MegatronEngine(EngineBase):
         micro_batch: int,
         forward_only: bool,
     ):
-        if len(self.chunks) > 1:  # interleaved: every chunk walks the same micro-batches
-            mbs = list(batches)
-            batches = [iter(mbs) for _ in self.chunks]
-        return get_forward_backward_func()(
-            forward_step_func=self._forward_step,
-            data_iterator=batches,
-            model=self.chunks,
-            num_microbatches=num_microbatches,
-            seq_length=seq_len,
-            micro_batch_size=micro_batch,
-            forward_only=forward_only,
-        )
+        mbs = take(batches, num_microbatches)
+        # interleaved: every chunk walks the same micro-batches
+        data = [iter(mbs) for _ in self.chunks] if len(self.chunks) > 1 else iter(mbs)
+        # the schedule divides each micro-batch's loss by num_microbatches and DDP averages over DP ranks:
+        # mtp.loss_normalization=global cancels both (targets.StepCounts)
+        with step_normalization([c.module for c in self.chunks], mbs, seq_len):
+            return get_forward_backward_func()(
+                forward_step_func=self._forward_step,
+                data_iterator=data,
+                model=self.chunks,
+                num_microbatches=num_microbatches,
+                seq_length=seq_len,
+                micro_batch_size=micro_batch,
+                forward_only=forward_only,
+            )
 
     def train_step(
         self,

@@ -1,4 +1,5 @@
-"""The memory-efficient MTP loss gives the naive loss's value and exactly its gradients."""
+"""The memory-efficient MTP loss gives the naive loss's value and exactly its gradients; its normalization by
+the optimizer step's valid targets (mtp.loss_normalization)."""
 
 from dataclasses import replace
 
@@ -7,8 +8,9 @@ import torch
 
 from mtp_pretrain.build import build_model
 from mtp_pretrain.config import ModelConfig, MTPConfig
+from mtp_pretrain.loss import MTPLoss
 from mtp_pretrain.model.mtp_model import transformer_config
-from mtp_pretrain.targets import target_mask
+from mtp_pretrain.targets import StepCounts, target_mask, valid_counts
 from tests.builders import VOCAB, random_batch
 from tests.numerics import EPS32, assert_same_gradient
 
@@ -146,3 +148,44 @@ def test_padding_ids_of_the_padded_vocabulary_get_no_probability(dist_world, tin
     torch.testing.assert_close(loss, want, rtol=16 * EPS32, atol=0)
     loss.backward()
     assert model.output_layer.weight.grad[200:].abs().max() == 0  # padding rows learn nothing
+
+
+@pytest.mark.parametrize("efficient", [False, True])
+@pytest.mark.parametrize("normalization", ["global", "micro_batch"])
+def test_step_normalization_splits_a_batch_into_micro_batches(
+    dist_world, tiny_model_cfg, efficient, normalization
+):
+    """Under "global" with the step's counts set (as the engines set them), the two halves' losses, averaged as
+    the engines average micro-batches, give the whole batch's loss and gradients, on both loss paths;
+    "micro_batch" ignores the step's counts (each half its own mean: another gradient)."""
+    naive, eff = _models(tiny_model_cfg, 3, 0)
+    model, T = (eff if efficient else naive), tiny_model_cfg.seq_len
+    model.loss_fn.normalization = normalization
+    tokens, valid = random_batch(tiny_model_cfg, 3, padded=True, batch=4)
+    valid[2:, 6:] = False  # the second half holds far fewer valid targets than the first
+    loss_whole, _ = model(tokens, valid)
+    loss_whole.backward()
+    whole = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    halves = [(tokens[:2], valid[:2]), (tokens[2:], valid[2:])]
+    model.loss_fn.step_counts = StepCounts(tuple(valid_counts(halves, T).tolist()), averaged=2)
+    loss_split = sum(model(*half)[0] / 2 for half in halves)
+    loss_split.backward()
+    model.loss_fn.step_counts = None
+    if normalization == "micro_batch":  # the halves' means weigh alike: some tensor's gradient measured off
+        # by 1.6x its norm (each of the second half's few targets weighs several times more)
+        worst = max(float((p.grad - whole[k]).norm() / whole[k].norm()) for k, p in model.named_parameters())
+        assert worst > 0.05
+        return
+    # the same CE sums grouped in two halves: a few ulps of the loss, 16 as above
+    torch.testing.assert_close(loss_split, loss_whole, rtol=16 * EPS32, atol=0)
+    for name, p in model.named_parameters():
+        assert_same_gradient(p.grad, whole[name], name)
+
+
+def test_step_counts_must_fit_the_heads_and_normalization_is_checked():
+    with pytest.raises(ValueError, match="3 loss weights for the step counts of 2 heads"):
+        StepCounts((5, 4), averaged=1).scales([1.0, 1.0, 1.0])
+    assert StepCounts((8, 0), averaged=4).scales([1.0, 0.5]) == [0.5, 2.0]  # an empty head: no division by 0
+    with pytest.raises(ValueError, match="normalization='token'"):
+        MTPLoss((1.0,), normalization="token")

@@ -194,3 +194,46 @@ def test_init_from_an_n2_checkpoint_finetunes_with_n1(dist_world, synthetic_sour
     ):
         bad = {**overrides, "model.num_layers": 3}
         Trainer(compose_config(*tiny_run_overrides(synthetic_source, cache, tmp_path / "n1b", **bad)))
+
+
+def _train_records(run_dir) -> dict[int, dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if r["split"] == "train"}
+
+
+def test_weight_schedule_is_logged_and_resumes_exactly(dist_world, synthetic_source, tmp_path):
+    """mtp.weight_schedule=linear changes head 2's weight every step: the weights reach the loss, are logged as
+    mtp_weight_k, and a run resumed from its step-3 checkpoint sets the uninterrupted run's weights."""
+    cache = tmp_path / "cache"
+    extra = {"mtp.weight_schedule": "linear", "mtp.weight_start": 1.0, "mtp.weight_end": 0.0}
+
+    def config(run_dir):
+        return compose_config(*tiny_run_overrides(synthetic_source, cache, run_dir, **extra))
+
+    trainer = Trainer(config(tmp_path / "full"))
+    assert trainer.mtp_losses and trainer.mtp_losses[0] is trainer.engine.module.loss_fn
+    full = trainer.fit()
+    records = _train_records(tmp_path / "full")
+    # logged step s (1-based) ran at progress (s-1)/6: head 2 weighs 1 - (s-1)/6, head 1 stays 1
+    assert [records[s]["mtp_weight_2"] for s in range(1, 7)] == [
+        1.0 + (0.0 - 1.0) * (s / 6) for s in range(6)
+    ]
+    assert all(records[s]["mtp_weight_1"] == 1.0 for s in range(1, 7))
+    for (
+        r
+    ) in records.values():  # the reported loss is the weighted sum of the head means: the weights reach it
+        # 1e-5: the float32 per-head means and their weighted sum round independently
+        assert r["loss"] == pytest.approx(r["loss/head1"] + r["mtp_weight_2"] * r["loss/head2"], rel=1e-5)
+    assert trainer.mtp_losses[0].weights == (1.0, 1.0 - 5 / 6)  # the last step's
+
+    part = tmp_path / "part" / "checkpoints"
+    part.mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_00000003", part / "step_00000003")
+    (part / "latest").write_text("step_00000003")
+    resumed = Trainer(config(tmp_path / "part"))
+    assert resumed.mtp_losses[0].weights == (1.0, 0.5)  # step 4's, set on restore
+    result = resumed.fit()
+    resumed_records = _train_records(tmp_path / "part")
+    for s in (4, 5, 6):
+        assert resumed_records[s]["mtp_weight_2"] == records[s]["mtp_weight_2"]
+    assert result.losses == full.losses[3:]  # exact, as in the resume test above: same weights, same curve

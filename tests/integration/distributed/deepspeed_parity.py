@@ -1,12 +1,16 @@
 """Run under torchrun (gloo): the n=4 parity model trained by the DeepSpeed engine in several ZeRO layouts.
 
     torchrun --nproc-per-node=W tests/distributed/deepspeed_parity.py OUT_DIR SPEC [SPEC ...]
-    SPEC = zero_stage,grad_accum[,tp2]   (dp = W / tp)
+    SPEC = zero_stage,grad_accum[,tp2][,masked]   (dp = W / tp)
 
 Same model, optimizer settings and global batches as layout_parity.py (its single-process megatron run is
 the reference). For each SPEC: STEPS steps, per-step per-head losses (OUT_DIR/<name>.json, logging rank) and
 the final model (gathered under ZeRO-3) saved with dist_checkpointing (OUT_DIR/<name>/) so the pytest side
 can load it into a TP1 model and compare every parameter.
+
+``masked``: layout_parity.py's masked batches (very uneven valid targets), mtp.loss_normalization=global; also
+writes the first step's reduced gradients (OUT_DIR/masked-<name>-grads.pt), compared with one process on the
+concatenated batch.
 """
 
 import sys
@@ -26,6 +30,7 @@ from tests.integration.distributed.layout_parity import (
     OPTIM,
     STEPS,
     VOCAB,
+    masked_micro_batches,
     micro_batches,
     model_cfg,
     save_run,
@@ -37,22 +42,44 @@ RESHARD_SPEC = (
 )
 
 
-def run(zero: int, ga: int, tp: int) -> tuple[list[dict], DeepSpeedEngine]:
+def capture_first_gradients(engine: DeepSpeedEngine) -> dict[str, torch.Tensor]:
+    """Filled with the first step's DP-reduced gradients, whole (DeepSpeed's safe_get_full_grad, a collective
+    under ZeRO-3), at that step's boundary ``ds.step``, before it clips and updates."""
+    from deepspeed.utils import safe_get_full_grad
+
+    first: dict[str, torch.Tensor] = {}
+    step = engine.ds.step
+
+    def capturing_step(*args, **kw):  # noqa: ANN202
+        if not first and engine.ds.is_gradient_accumulation_boundary():
+            first.update(
+                {k: safe_get_full_grad(p).detach().clone() for k, p in engine.module.named_parameters()}
+            )
+        return step(*args, **kw)
+
+    engine.ds.step = capturing_step
+    return first
+
+
+def run(zero: int, ga: int, tp: int, masked: bool = False) -> tuple[list[dict], DeepSpeedEngine, dict]:
+    """(history, engine, the first step's gradients when ``masked``, else {})."""
     cfg = model_cfg(N)
     mtp = MTPConfig(n=N, memory_efficient=zero < 3)  # ZeRO-3 needs the naive loss (see engine/deepspeed.py)
     model = build_model(cfg, mtp, VOCAB, transformer_config(cfg, mtp, tp=tp))
     engine = DeepSpeedEngine(
         model, OPTIM, STEPS, ParallelConfig(engine="deepspeed", tp=tp, zero_stage=zero), MICRO, ga
     )
+    first = capture_first_gradients(engine) if masked else {}
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     history = []
     for step in range(STEPS):
-        it = iter(
-            [(t, torch.ones_like(t, dtype=torch.bool)) for t in micro_batches(step, N, dp, dp_rank, ga)]
-        )
-        result = engine.train_step(it, ga, cfg.seq_len, MICRO)
+        if masked:
+            mbs = masked_micro_batches(step, N, dp, dp_rank, ga, MICRO)
+        else:
+            mbs = [(t, torch.ones_like(t, dtype=torch.bool)) for t in micro_batches(step, N, dp, dp_rank, ga)]
+        result = engine.train_step(iter(mbs), ga, cfg.seq_len, MICRO)
         history.append({"loss": result.loss, **result.head_stats.metrics(), "grad_norm": result.grad_norm})
-    return history, engine
+    return history, engine, first
 
 
 def main() -> None:
@@ -63,12 +90,14 @@ def main() -> None:
     world = torch.distributed.get_world_size()
     for spec in sys.argv[2:]:
         zero, ga, *flags = spec.split(",")
-        zero, ga, tp = int(zero), int(ga), 2 if "tp2" in flags else 1
+        zero, ga, tp, masked = int(zero), int(ga), 2 if "tp2" in flags else 1, "masked" in flags
         parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
         model_parallel_cuda_manual_seed(0)
-        history, engine = run(zero, ga, tp)
-        name = f"zero{zero}-ga{ga}-tp{tp}dp{world // tp}"
+        history, engine, first = run(zero, ga, tp, masked)
+        name = ("masked-" if masked else "") + f"zero{zero}-ga{ga}-tp{tp}dp{world // tp}"
+        if masked and torch.distributed.get_rank() == 0:
+            torch.save(first, out / f"{name}-grads.pt")
         if spec == RESHARD_SPEC:  # its own checkpoint too: test_deepspeed.py resumes it on one process
             (out / f"{name}-engine").mkdir(exist_ok=True)
             engine.save(out / f"{name}-engine")

@@ -1,14 +1,19 @@
 """Run under torchrun (gloo): train a fixed tiny model on fixed data in several TP x PP x DP layouts.
 
     torchrun --nproc-per-node=W tests/distributed/layout_parity.py OUT_DIR LAYOUT [LAYOUT ...]
-    LAYOUT = tp,pp[,tie|uneven|vpp2][,local]  (dp = W / (tp * pp); tie: tied embeddings across first and
-             last stage, n=4 only; uneven: 3 + 1 trunk layers on 2 stages, n=1 only; vpp2: interleaved, n=1
-             only; local: megatron's DotProductAttention, else model.attention=sdpa)
+    LAYOUT = tp,pp[,tie|uneven|vpp2|masked][,local]  (dp = W / (tp * pp); tie: tied embeddings across first
+             and last stage, n=4 only; uneven: 3 + 1 trunk layers on 2 stages, n=1 only; vpp2: interleaved, n=1
+             only; local: megatron's DotProductAttention, else model.attention=sdpa; masked: see below)
 
 For each layout and n in {1, 4} it runs STEPS optimizer steps with grad accumulation GA per DP rank,
 writes the per-step per-head losses (OUT_DIR/<layout>-n<n>.json, logging rank) and saves the final engine
 state (model chunks + optimizer) with dist_checkpointing (OUT_DIR/<layout>-n<n>/), which the pytest side loads into a single-process
 model (resharding) to compare parameters with a single-process run of the same global batches.
+
+``masked`` (n=4, instead of the above): the global batches with very uneven valid targets (padding, document
+boundaries; :func:`masked_batch`), under ``mtp.loss_normalization=global`` (STEPS steps: history, final state
+and the first step's reduced gradients, OUT_DIR/masked-dp<dp>-global[.json|/|-grads.pt]) and ``micro_batch``
+(one step's gradients, the control that must differ). The reference is one process on the concatenated batch.
 """
 
 import json
@@ -24,6 +29,7 @@ from mtp_pretrain.build import build_pipeline_chunks
 from mtp_pretrain.config import ModelConfig, MTPConfig, OptimConfig
 from mtp_pretrain.engine.megatron import MegatronEngine
 from mtp_pretrain.model.mtp_model import transformer_config
+from mtp_pretrain.targets import target_mask
 
 VOCAB, STEPS, GA, MICRO = 256, 6, 2, 2
 OPTIM = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2, clip_grad=1.0)
@@ -58,6 +64,84 @@ def micro_batches(step: int, n: int, dp: int, dp_rank: int, ga: int) -> list[tor
     return [batch[(m * dp + dp_rank) * MICRO : (m * dp + dp_rank + 1) * MICRO] for m in range(ga)]
 
 
+EOS, PAD = 0, 1
+# rows of the masked global batch (MICRO x GA x 2 = 8): where its padding starts (20 = none), and how often a
+# document ends. Micro-batch m of DP rank r holds rows (2m + r) * MICRO..: rank 0's first is nearly whole, its
+# second mostly padding, rank 1's in between (valid targets of head 1: 32, 6, 21, 20; of head 4: 32, 1, 11, 8)
+PAD_FROM, EOS_RATE = (20, 20, 20, 10, 3, 6, 12, 20), (0.0, 0.05, 0.1, 0.2, 0.0, 0.3, 0.2, 0.4)
+
+
+def masked_batch(step: int, n: int, rows: int = len(PAD_FROM)) -> tuple[torch.Tensor, ...]:
+    """(tokens, valid, segments) of the masked global batch of ``step``: :func:`global_batch` with documents
+    ending at random (the targets across a boundary masked, data.mask_doc_boundaries) and rows padded."""
+    tokens = global_batch(step, n, rows)
+    tokens[(tokens == EOS) | (tokens == PAD)] = 2  # no accidental document end or padding
+    g = torch.Generator().manual_seed(2000 + step)
+    for row, (pad_from, rate) in enumerate(zip(PAD_FROM, EOS_RATE, strict=True)):
+        tokens[row, torch.rand(tokens.shape[1], generator=g) < rate] = EOS
+        tokens[row, pad_from:] = PAD
+    return (tokens, *target_mask(tokens, EOS, PAD, mask_doc_boundaries=True))
+
+
+def masked_micro_batches(step: int, n: int, dp: int, dp_rank: int, ga: int, micro: int) -> list[tuple]:
+    """This rank's micro-batches of the masked global batch, split as :func:`micro_batches` splits; dp = ga =
+    1 with micro = all rows is the single process on the concatenated batch."""
+    batch = masked_batch(step, n)
+    return [
+        tuple(t[(m * dp + dp_rank) * micro : (m * dp + dp_rank + 1) * micro] for t in batch)
+        for m in range(ga)
+    ]
+
+
+def full_grads(engine: MegatronEngine) -> dict[str, torch.Tensor]:
+    """The step's DP-reduced gradients, whole on every rank (call before the optimizer clips them in place).
+    The DistributedOptimizer's reduce-scatter leaves each rank only its own shard of every bucket reduced:
+    gather the shards first."""
+    from megatron.core.distributed.param_and_grad_buffer import shard_buffer
+
+    for group in engine.model.bucket_groups:
+        size = group.intra_distributed_optimizer_instance_size
+        rank = group.intra_distributed_optimizer_instance_rank
+        for bucket in group.buckets:
+            own = shard_buffer(bucket.grad_data, size)[rank].clone()
+            torch.distributed.all_gather_into_tensor(
+                bucket.grad_data, own, group=group.intra_distributed_optimizer_instance_group
+            )
+    return {k: p.main_grad.detach().clone() for k, p in engine.model.module.named_parameters()}
+
+
+def run_masked(
+    n: int, dp: int, ga: int, micro: int, normalization: str = "global", steps: int = STEPS
+) -> tuple[list[dict], dict[str, torch.Tensor], MegatronEngine]:
+    """``steps`` steps on the masked batches (TP = PP = 1): (history, the first step's gradients, engine)."""
+    engine = build_engine(n, 1, 1, normalization=normalization)
+    first: dict[str, torch.Tensor] = {}
+    step_fn = engine.optimizer.step
+
+    def capturing_step():  # noqa: ANN202
+        if not first:
+            first.update(full_grads(engine))
+        return step_fn()
+
+    engine.optimizer.step = capturing_step
+    dp_rank, history = parallel_state.get_data_parallel_rank(), []
+    for step in range(steps):
+        mbs = masked_micro_batches(step, n, dp, dp_rank, ga, micro)
+        result = engine.train_step(iter(mbs), ga, model_cfg(n).seq_len, micro)
+        history.append({"loss": result.loss, **result.head_stats.metrics(), "grad_norm": result.grad_norm})
+    return history, first, engine
+
+
+def masked_reference() -> tuple[list[dict], dict, dict, MegatronEngine]:
+    """One process on the concatenated masked batches (n=4, one micro-batch of all rows): history, the first
+    step's gradients, final parameters, engine (the pytest side's reference of the ``masked`` runs)."""
+    history, grads, engine = run_masked(4, dp=1, ga=1, micro=len(PAD_FROM))
+    params = {
+        k: v.detach().clone() for k, v in engine.model.module.state_dict().items() if "_extra_state" not in k
+    }
+    return history, grads, params, engine
+
+
 def build_engine(
     n: int,
     tp: int,
@@ -66,8 +150,9 @@ def build_engine(
     uneven: bool = False,
     vpp: int | None = None,
     attention: str = "sdpa",
+    normalization: str = "global",
 ) -> MegatronEngine:
-    cfg, mtp = model_cfg(n, tie, attention), MTPConfig(n=n)
+    cfg, mtp = model_cfg(n, tie, attention), MTPConfig(n=n, loss_normalization=normalization)
     stage_layers = (3, None) if uneven else (None, None)  # n=1: 4 trunk layers as 3 + 1
     tconf = transformer_config(cfg, mtp, tp=tp, pp=pp, stage_layers=stage_layers, vpp=vpp)
     model = build_pipeline_chunks(cfg, mtp, VOCAB, tconf)
@@ -112,6 +197,22 @@ def save_run(out: Path, name: str, sharded: dict, history: list[dict]) -> None:
     torch.distributed.barrier()
 
 
+def run_masked_variants(out: Path, tp: int, pp: int, dp: int) -> None:
+    """The ``masked`` spec (TP = PP = 1): global normalization (history, final state, first gradients) and
+    the micro_batch control (first gradients), n=4, grad accumulation GA."""
+    assert tp == pp == 1, "masked runs DP only"
+    for normalization, steps in (("global", STEPS), ("micro_batch", 1)):
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel()
+        model_parallel_cuda_manual_seed(0)
+        history, grads, engine = run_masked(4, dp, GA, MICRO, normalization, steps)
+        name = f"masked-dp{dp}-{normalization}"
+        if torch.distributed.get_rank() == 0:
+            torch.save(grads, out / f"{name}-grads.pt")
+        if normalization == "global":
+            save_run(out, name, engine.sharded_state_dict(), history)
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     parallel.init_distributed()  # the world; model-parallel groups are rebuilt per layout below
@@ -124,6 +225,9 @@ def main() -> None:
         vpp = 2 if "vpp2" in flags else None
         attention = "local" if "local" in flags else "sdpa"
         dp = parallel.Layout(world, tp=tp, pp=pp).dp
+        if "masked" in flags:
+            run_masked_variants(out, tp, pp, dp)
+            continue
         for n in (4,) if tie else (1,) if uneven or vpp else (1, 4):
             parallel_state.destroy_model_parallel()
             parallel_state.initialize_model_parallel(

@@ -7,15 +7,23 @@ dist_checkpointing save into its own TP1/PP1 model (resharding) to compare every
 """
 
 import pytest
+import torch
 
+from mtp_pretrain.targets import valid_counts
 from tests.integration.distributed import layout_parity as script
-from tests.integration.distributed.parity import compare_to_reference, launch_all, load_run
+from tests.integration.distributed.parity import (
+    assert_step_gradients_equal,
+    compare_to_reference,
+    launch_all,
+    load_run,
+    relative_differences,
+)
 
-# world 2: TP2, PP2, DP2 (+ PP2 tied, PP2 uneven, PP2 x VPP2 interleaved);
+# world 2: TP2, PP2, DP2 (+ PP2 tied, PP2 uneven, PP2 x VPP2 interleaved, DP2 on very uneven valid targets);
 # world 4: TP2xPP2, DP2xPP2, DP2xTP2 (+ TP2xPP2 tied). Core attention sdpa, or megatron's local
 # DotProductAttention where "local" says so: both backends under TP, PP and DP, without another launch
 LAUNCHES = {
-    2: ["2,1", "1,2", "1,1,local", "1,2,tie", "1,2,uneven,local", "1,2,vpp2"],
+    2: ["2,1", "1,2", "1,1,local", "1,2,tie", "1,2,uneven,local", "1,2,vpp2", "1,1,masked"],
     4: ["2,2,local", "1,2", "2,1,local", "2,2,tie"],
 }
 
@@ -59,3 +67,26 @@ def test_every_layout_matches_one_process(dist_world, layout_runs, n):
         f"n={n}: worst loss / grad norm difference {worst_rel:.1f} eps (relative), "
         f"worst param diff {worst_param:.2e}"
     )
+
+
+def test_uneven_valid_targets_give_one_process_gradients_under_global_normalization(dist_world, layout_runs):
+    """DP2 x grad accumulation 2, valid targets spread very unevenly over the ranks' micro-batches (padding,
+    document boundaries): under mtp.loss_normalization=global the reduced gradients of the step are those of
+    one process on the concatenated batch, and so are the losses, gradient norms and final parameters over
+    STEPS steps; under micro_batch the same step's gradients differ (the check can fail)."""
+    T = script.model_cfg(4).seq_len
+    per_micro = [
+        valid_counts(script.masked_micro_batches(0, 4, 2, r, script.GA, script.MICRO)[m : m + 1], T)
+        for r in range(2)
+        for m in range(script.GA)
+    ]
+    assert max(int(c[0]) for c in per_micro) >= 3 * min(int(c[0]) for c in per_micro)  # uneven indeed
+    history, grads, params, engine = script.masked_reference()
+    got = torch.load(layout_runs / "masked-dp2-global-grads.pt", weights_only=True)
+    worst = assert_step_gradients_equal(got, grads, "DP2 x GA2, global")
+    control = torch.load(layout_runs / "masked-dp2-micro_batch-grads.pt", weights_only=True)
+    worst_control = max(relative_differences(control, grads).values())
+    assert worst_control > 0.05, worst_control  # the micro-batch means reweigh the positions
+    run_history, loaded = load_run(layout_runs, "masked-dp2-global", engine.model.module)
+    compare_to_reference("masked-dp2-global", run_history, history, loaded, params, script.OPTIM.lr)
+    print(f"masked DP2 x GA2: gradients within {worst:.1e} (global), micro_batch off by {worst_control:.2f}")
