@@ -57,9 +57,8 @@ def _train_failed(error: Exception, setup: bool) -> None:
         isinstance(error, RuntimeError) and "by peer" in str(error)
     )
     if not expected and world > 1 and lost_peer:
-        why = (
-            str(error).split(". ")[0].rpartition("] ")[2]
-        )  # gloo's first sentence, without its source location
+        # gloo's first sentence, without its source location
+        why = str(error).split(". ")[0].rpartition("] ")[2]
         error = MTPError(f"rank {dist.get_rank()} lost its peers ({why}); see the failed rank's error above")
         error.exit_code, expected = 1, True
     if not expected or debug_requested():

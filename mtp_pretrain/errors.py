@@ -21,6 +21,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 EXIT_BUG = 1
 EXIT_USAGE = 2
@@ -53,9 +54,10 @@ def one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
-def debug_requested(argv: list[str] | None = None) -> bool:
-    """Whether the user asked for tracebacks: ``--debug`` or ``HYDRA_FULL_ERROR=1``."""
-    return os.environ.get("HYDRA_FULL_ERROR") == "1" or "--debug" in (sys.argv if argv is None else argv)
+def debug_requested() -> bool:
+    """Whether the environment asks for tracebacks (``HYDRA_FULL_ERROR=1``); argparse commands also take
+    ``--debug`` (:func:`reported`'s ``debug``)."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
 def report(prog: str, error: BaseException) -> None:
@@ -63,12 +65,10 @@ def report(prog: str, error: BaseException) -> None:
     print(f"{prog}: error: {one_line(str(error))}", file=sys.stderr, flush=True)
 
 
-def fail(prog: str, error: BaseException | str, code: int = EXIT_USAGE) -> None:
-    """Report and exit with ``code`` (an :class:`MTPError` carries its own)."""
-    if isinstance(error, MTPError):
-        code = error.exit_code
-    report(prog, error if isinstance(error, BaseException) else Exception(error))
-    sys.exit(code)
+def fail(prog: str, error: BaseException) -> NoReturn:
+    """Report and exit: with the status an :class:`MTPError` carries, else as a usage error."""
+    report(prog, error)
+    sys.exit(error.exit_code if isinstance(error, MTPError) else EXIT_USAGE)
 
 
 @contextmanager

@@ -15,7 +15,7 @@ gradients under ZeRO and overlapped DDP reduction, measured; see docs/architectu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -229,3 +229,15 @@ class MTPLoss:
 
         loss, stats = _DetachedHeadsLoss.apply(h, compute, *params)  # a Function returns tensors only
         return loss, HeadStats.unpacked(stats)
+
+
+def mtp_losses(models: Iterable[torch.nn.Module]) -> list[MTPLoss]:
+    """The MTPLoss of every model chunk in ``models`` (build.py binds one as ``loss_fn`` to each last-stage
+    chunk; other stages have none): what the engine normalizes and mtp.weight_schedule re-weights."""
+    found = {
+        id(fn): fn
+        for root in models
+        for m in root.modules()
+        if isinstance(fn := getattr(m, "loss_fn", None), MTPLoss)
+    }
+    return list(found.values())

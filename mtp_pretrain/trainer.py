@@ -24,8 +24,8 @@ from mtp_pretrain.config import Config
 from mtp_pretrain.data.loader import BatchLoader
 from mtp_pretrain.data.sources import build_data_sources
 from mtp_pretrain.data.tokenizer import eos_id, load_tokenizer, pad_id
-from mtp_pretrain.engine.base import Batch, Engine, NonFiniteLossError, StepResult
-from mtp_pretrain.loss import MTPLoss
+from mtp_pretrain.engine.base import Batch, NonFiniteLossError, StepResult
+from mtp_pretrain.loss import mtp_losses
 from mtp_pretrain.metrics import MetricsLogger
 from mtp_pretrain.preemption import StopRequest
 from mtp_pretrain.rng import RNGState
@@ -66,7 +66,9 @@ class Trainer:
         self.vocab_size, self.eos, self.pad = tok.get_vocab_size(), eos_id(tok), pad_id(tok)
         torch.manual_seed(t.seed)  # torch's own streams (dropout); weights come from init_parameters(seed)
         self.engine = build_engine(cfg, self.vocab_size)
-        self.mtp_losses = mtp_losses(self.engine)  # this rank's (last stage): mtp.weight_schedule sets them
+        self.mtp_losses = mtp_losses(
+            self.engine.models
+        )  # this rank's (last stage): the weight schedule sets them
         dp_rank, dp = parallel_state.get_data_parallel_rank(), self.layout.dp
         self.train_data = BatchLoader(
             sources.train,
@@ -196,16 +198,3 @@ class Trainer:
             print(
                 f"step {self.step}: non-finite loss ({result.loss}): update dropped (trainer.nonfinite=skip)"
             )
-
-
-def mtp_losses(engine: Engine) -> list[MTPLoss]:
-    """The MTPLoss of every model chunk on this rank (build.py binds one as ``loss_fn`` to each last-stage
-    chunk; none elsewhere). Megatron's engine holds its chunks (VPP: several) in ``chunks``, DeepSpeed one model."""
-    roots = getattr(engine, "chunks", None) or [engine.module]
-    found = {
-        id(fn): fn
-        for root in roots
-        for m in root.modules()
-        if isinstance(fn := getattr(m, "loss_fn", None), MTPLoss)
-    }
-    return list(found.values())

@@ -169,6 +169,7 @@ class _Source:
             self._stderr.close()
 
 
+_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)  # what reading a damaged tar stream raises
 _STDERR_TAIL = 300  # characters of a failed command's stderr quoted in the error
 _EXIT_WAIT = 5.0  # seconds: a command whose output ended early is given this long to report its status
 
@@ -186,14 +187,14 @@ def _samples(src: _Source) -> Iterator[dict[str, Any]]:
     url, n, current = src.url, 0, None
     try:
         tf = tarfile.open(fileobj=src.stream, mode="r|*", tarinfo=_Tar)
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+    except _TAR_ERRORS as e:
         raise ShardReadError(
             f"corrupt shard {url}: not a readable tar ({type(e).__name__}: {one_line(str(e))}){REMAKE}"
         ) from None
     while True:
         try:
             info = tf.next()
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        except _TAR_ERRORS as e:
             raise ShardReadError(
                 f"corrupt shard {url} after {n} sample(s): {type(e).__name__}: {one_line(str(e))}{REMAKE}"
             ) from None
@@ -217,7 +218,7 @@ def _samples(src: _Source) -> Iterator[dict[str, Any]]:
             )
         try:
             current[ext] = tf.extractfile(info).read()  # type: ignore[union-attr]
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        except _TAR_ERRORS as e:
             raise ShardReadError(
                 f"corrupt shard {url} after {n} sample(s): {type(e).__name__}: {one_line(str(e))}{REMAKE}"
             ) from None
@@ -272,7 +273,7 @@ def probe_shard(url: str, max_bytes: int = 1 << 16) -> None:
             data = tf.extractfile(info).read(max_bytes)  # type: ignore[union-attr]
             if len(data) < min(info.size, max_bytes):
                 raise tarfile.ReadError("unexpected end of data")
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+    except _TAR_ERRORS as e:
         raise ShardReadError(
             f"corrupt shard {url}: its first member cannot be read ({type(e).__name__}: {one_line(str(e))}){REMAKE}"
         ) from None

@@ -18,7 +18,7 @@ from torch import Tensor
 from mtp_pretrain import compat
 from mtp_pretrain.config import OptimConfig
 from mtp_pretrain.errors import EXIT_NONFINITE, MTPError
-from mtp_pretrain.loss import MTPLoss
+from mtp_pretrain.loss import mtp_losses
 from mtp_pretrain.targets import HeadStats, StepCounts, valid_counts
 
 # tokens [B, T+n], target validity [B, T+n] (+ optional document numbers [B, T+n]): MTPModel.forward's inputs
@@ -51,6 +51,10 @@ class Engine(Protocol):
     @property
     def module(self) -> torch.nn.Module:
         """The (first chunk of the) unwrapped model on this rank."""
+
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        """Every unwrapped model chunk on this rank (several under virtual pipeline parallelism)."""
 
     def train_step(
         self,
@@ -154,7 +158,7 @@ def take(batches: Iterable[Batch], num_microbatches: int) -> list[Batch]:
 
 @contextlib.contextmanager
 def step_normalization(
-    modules: Sequence[torch.nn.Module], batches: Sequence[Batch], seq_len: int
+    models: Sequence[torch.nn.Module], batches: Sequence[Batch], seq_len: int
 ) -> Iterator[None]:
     """For the duration of one step: hand the loss of this rank's last stage (``mtp.loss_normalization=global``)
     the step's per-head valid-target counts over all micro-batches and DP ranks (:class:`StepCounts`).
@@ -163,11 +167,7 @@ def step_normalization(
     last-stage ranks too, and every rank holds its micro-batches, so no pipeline communication is needed.
     The engines average ``len(batches) x dp`` micro-batch losses into the gradient (see StepCounts).
     """
-    losses = [
-        m.loss_fn
-        for m in modules
-        if isinstance(getattr(m, "loss_fn", None), MTPLoss) and m.loss_fn.normalization == "global"
-    ]
+    losses = [loss for loss in mtp_losses(models) if loss.normalization == "global"]
     if not losses:  # not the last stage, or micro_batch normalization
         yield
         return

@@ -144,6 +144,10 @@ class DeepSpeedEngine(EngineBase):
     def module(self) -> torch.nn.Module:
         return self.ds.module
 
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        return [self.ds.module]
+
     def _forward(self, batch: Batch) -> tuple[Tensor, HeadStats]:
         dev = compat.device()
         return self.ds(*(t.to(dev, non_blocking=True) for t in batch))
@@ -165,7 +169,7 @@ class DeepSpeedEngine(EngineBase):
         mbs = take(batches, num_microbatches)
         # DeepSpeed divides each micro-batch's loss by grad_accum and averages the gradients over DP ranks:
         # mtp.loss_normalization=global cancels both (targets.StepCounts)
-        with step_normalization([self.ds.module], mbs, seq_len):
+        with step_normalization(self.models, mbs, seq_len):
             for m, batch in enumerate(mbs):
                 loss, stats = self._forward(batch)
                 outputs.append({"loss": loss.detach().clone(), "stats": stats})
@@ -192,7 +196,7 @@ class DeepSpeedEngine(EngineBase):
     ) -> tuple[float, HeadStats | None]:
         self.ds.eval()
         mbs = take(batches, num_microbatches)
-        with step_normalization([self.ds.module], mbs, seq_len):  # as in training: one denominator per head
+        with step_normalization(self.models, mbs, seq_len):  # as in training: one denominator per head
             outputs = [dict(zip(("loss", "stats"), self._forward(batch), strict=True)) for batch in mbs]
         return reduce_outputs(outputs)
 

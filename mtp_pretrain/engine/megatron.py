@@ -85,6 +85,10 @@ class MegatronEngine(EngineBase):
     def module(self) -> torch.nn.Module:
         return self.chunks[0].module
 
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        return [c.module for c in self.chunks]
+
     def save(self, directory: Path) -> None:
         from megatron.core import dist_checkpointing
 
@@ -127,7 +131,7 @@ class MegatronEngine(EngineBase):
         data = [iter(mbs) for _ in self.chunks] if len(self.chunks) > 1 else iter(mbs)
         # the schedule divides each micro-batch's loss by num_microbatches and DDP averages over DP ranks:
         # mtp.loss_normalization=global cancels both (targets.StepCounts)
-        with step_normalization([c.module for c in self.chunks], mbs, seq_len):
+        with step_normalization(self.models, mbs, seq_len):
             return get_forward_backward_func()(
                 forward_step_func=self._forward_step,
                 data_iterator=data,
