@@ -43,6 +43,7 @@ def build_model(
         loss_fn=MTPLoss.from_config(mtp, vocab_limit=vocab_size) if post_process else None,
         layer_spec=layer_spec(model.attention),
         vp_stage=vp_stage,
+        head_type=mtp.head_type,
     )
     init_parameters(mtp_model, config, total_layers=model.num_layers, seed=seed)
     return mtp_model

@@ -39,6 +39,8 @@ class ConfigError(UsageError):
 
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "local", "te")  # model.attention
+# mtp.head_type: what heads 2..n are and what they read (mtp_pretrain/model/heads.py describes each)
+HEAD_TYPES = ("parallel", "linear", "causal", "anticausal", "sequential")
 WEIGHT_SCHEDULES = (
     "constant",
     "step",
@@ -76,6 +78,11 @@ class ModelConfig:
 @dataclass
 class MTPConfig:
     n: int = 4  # number of heads; n = 1 is plain next-token training
+    # parallel (Gloeckle et al.: a block per head on the trunk output) | linear (heads 2..n one d x d linear) |
+    # causal (head k a block on head k-1's output) | anticausal (head n on the trunk, head k on head k+1's) |
+    # sequential (DeepSeek-V3's MTP modules: head k-1's output + the embedding of token t+k-1). Head 1 is
+    # always one block + the shared final norm and unembedding (mtp_pretrain/model/heads.py)
+    head_type: str = "parallel"
     loss_weights: list[float] | None = None  # per-head weights; None = [1, w, ..., w], w = extra_heads_weight
     # Weight of heads 2..n relative to head 1 when loss_weights is not given. The paper sums the heads
     # (1.0); DeepSeek-V3 (megatron's mtp_loss_scaling_factor) uses 0.1-0.3. Small models need it low:
@@ -83,6 +90,9 @@ class MTPConfig:
     extra_heads_weight: float = 1.0
     memory_efficient: bool = True  # per-head forward/backward on the detached trunk output
     chunk_size: int = 0  # > 0: unembedding + CE in sequence chunks of this length
+    # Chained head types (causal, anticausal, sequential): true keeps one head's activations at a time and
+    # re-runs each head's forward in the backward; false keeps every head's (more memory, no second forward)
+    chain_recompute: bool = True
     # Each head's CE divided by: "global" = its valid targets over the whole optimizer step (all micro-batches,
     # all DP ranks; the gradient does not depend on the layout), or "micro_batch" = the micro-batch's own
     # count, then averaged over micro-batches and ranks (the behaviour before; Megatron-LM's default)
@@ -302,6 +312,10 @@ def validate(cfg: Config) -> None:
         )
         _require(all(w >= 0 for w in mtp.loss_weights), "mtp.loss_weights must be >= 0")
     _require(mtp.extra_heads_weight >= 0, f"mtp.extra_heads_weight={mtp.extra_heads_weight} must be >= 0")
+    _require(
+        mtp.head_type in HEAD_TYPES,
+        f"mtp.head_type={mtp.head_type!r}: use one of {', '.join(HEAD_TYPES)}",
+    )
     _require(
         mtp.loss_normalization in ("global", "micro_batch"),
         f"mtp.loss_normalization={mtp.loss_normalization!r}: use global (one denominator per head for the whole "

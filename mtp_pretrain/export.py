@@ -3,13 +3,29 @@
     mtp-export outputs/tiny-n4/checkpoints/step_00000400 --out exported/
 
 The MTP model *is* a Llama decoder when read along the next-token path: trunk blocks 1..L-n, then head 1's
-block, the shared final norm and the shared unembedding. So the export writes
+block (anticausal heads: the blocks of heads n, ..., 1), the shared final norm and the shared unembedding.
+So the export writes
 
-    config.json              LlamaConfig with num_hidden_layers = L - n + 1 (+ "mtp_n_heads": n)
-    model.safetensors        embed_tokens, layers 0..L-n (the last is head 1), norm, lm_head
-    mtp_heads.safetensors    heads 2..n as "mtp_heads.<k>.<the same Llama layer names>", k = 1..n-1
+    config.json              LlamaConfig with num_hidden_layers = L - n + 1 (anticausal: L) (+ "mtp_n_heads":
+                             n, "mtp_head_type": mtp.head_type)
+    model.safetensors        embed_tokens, layers 0..L-n (the last is head 1; anticausal: 0..L-1), norm,
+                             lm_head
+    mtp_heads.safetensors    heads 2..n, k = 1..n-1 (see below)
     tokenizer.json (+ tokenizer_config.json)   the run's tokenizer, loadable by PreTrainedTokenizerFast or
                              AutoTokenizer (transformers >= 4.45), encoding any text as the project does
+
+How heads 2..n are exported depends on ``mtp.head_type`` (mtp_pretrain/model/heads.py defines each):
+
+    parallel, causal   "mtp_heads.<k>.<the same Llama layer names>" (causal head k+1 reads head k's layer
+                       output before the norm)
+    linear             "mtp_heads.<k>.weight" [d, d]: head k+1's hidden is norm(W h), h = layer L-n-1's output
+    sequential         "mtp_heads.<k>.{enorm,hnorm,eh_proj,norm}.weight" (eh_proj [d, 2d] on
+                       [enorm(embedding of token t+k); hnorm(head k's normed output)], norm its own final
+                       norm) + the Llama layer names of its block
+    anticausal         nothing: head 1 reads head 2's layer output, ..., head n reads the trunk's, so the
+                       next-token path is the trunk, then heads n, n-1, ..., 1 as Llama layers:
+                       num_hidden_layers = L (layer L-k is head k), and head k's logits are layer L-k's output
+                       through the shared final norm and lm_head
 
 Weight mapping from megatron-core (local spec, no biases): ``linear_qkv`` holds, per query group, that
 group's query heads then one key and one value head — split into q/k/v_proj; ``linear_fc1`` is
@@ -35,7 +51,7 @@ from mtp_pretrain.config import Config, ffn_hidden_size, from_yaml
 from mtp_pretrain.data.tokenizer import transformers_files
 from mtp_pretrain.errors import UsageError
 
-MTP_PREFIX = "mtp_heads."  # heads 2..n, kept out of the plain Llama's model.safetensors
+MTP_PREFIX = "mtp_heads."  # heads 2..n, kept out of the plain Llama's model.safetensors (but anticausal)
 MTP_FILE = "mtp_heads.safetensors"
 EXPORT_FILES = ("config.json", "model.safetensors", MTP_FILE, "tokenizer.json", "tokenizer_config.json")
 TMP_PREFIX = ".mtp-export-tmp-"  # the directory an export is written into before it is moved into place
@@ -55,7 +71,8 @@ def llama_config(cfg: Config, vocab_size: int) -> dict:
         "vocab_size": vocab_size,
         "hidden_size": m.hidden_size,
         "intermediate_size": ffn_hidden_size(m),
-        "num_hidden_layers": m.num_layers - cfg.mtp.n + 1,
+        # anticausal: every head is on the next-token path (see the module docstring)
+        "num_hidden_layers": m.num_layers - (0 if cfg.mtp.head_type == "anticausal" else cfg.mtp.n - 1),
         "num_attention_heads": m.num_attention_heads,
         "num_key_value_heads": m.num_query_groups or m.num_attention_heads,
         "head_dim": m.hidden_size // m.num_attention_heads,
@@ -70,7 +87,8 @@ def llama_config(cfg: Config, vocab_size: int) -> dict:
         "eos_token_id": 0,
         "pad_token_id": 1,
         "torch_dtype": "float32",
-        "mtp_n_heads": cfg.mtp.n,  # extra field: the heads beyond the first are in mtp_heads.safetensors
+        "mtp_n_heads": cfg.mtp.n,  # extra fields: the heads beyond the first are in mtp_heads.safetensors
+        "mtp_head_type": cfg.mtp.head_type,  # (or, anticausal, among the layers)
     }
 
 
@@ -95,9 +113,23 @@ def _layer(get, prefix: str, cfg: Config) -> dict[str, torch.Tensor]:
     return {name: t.contiguous().clone() for name, t in out.items()}
 
 
+def _extra_head(get, prefix: str, cfg: Config) -> dict[str, torch.Tensor]:
+    """Head k+1 >= 2 (``get(prefix + name)``, prefix ``heads.layers.<k>.``): its tensors as named below
+    ``mtp_heads.<k>.``."""
+    if cfg.mtp.head_type == "linear":
+        return {"weight": get(f"{prefix}weight").contiguous().clone()}
+    if cfg.mtp.head_type == "sequential":
+        names = ("enorm.weight", "hnorm.weight", "eh_proj.weight")  # megatron's names, kept
+        out = {name: get(prefix + name).contiguous().clone() for name in names}
+        out["norm.weight"] = get(f"{prefix}final_layernorm.weight").contiguous().clone()
+        return out | _layer(get, f"{prefix}transformer_layer.", cfg)
+    return _layer(get, prefix, cfg)
+
+
 def checkpoint_as_llama(ckpt: str | Path) -> tuple[dict, dict[str, torch.Tensor], str]:
     """(Llama config, tensors, tokenizer JSON) of checkpoint ``ckpt``, gathered from any layout into this
-    process. Tensors use the Llama names; heads 2..n are ``mtp_heads.<k>.<layer name>``, k = 1..n-1."""
+    process. Tensors use the Llama names; heads 2..n are ``mtp_heads.<k>.<name>``, k = 1..n-1 (or, anticausal,
+    Llama layers: see the module docstring)."""
     from megatron.core.dist_checkpointing.serialization import load_plain_tensors
 
     from mtp_pretrain import parallel
@@ -120,15 +152,20 @@ def checkpoint_as_llama(ckpt: str | Path) -> tuple[dict, dict[str, torch.Tensor]
     for i in range(trunk):  # megatron stores the trunk's blocks stacked along a layer dimension
         for name, t in _layer(lambda n, i=i: plain[f"decoder.layers.{n}"][i], "", cfg).items():
             tensors[f"model.layers.{i}.{name}"] = t
-    for name, t in _layer(head_get, "heads.layers.0.", cfg).items():
-        tensors[f"model.layers.{trunk}.{name}"] = t
+    n = cfg.mtp.n
+    # the next-token path's head layers: head 1; anticausal, heads n..1 (head i+1 reads head i+2's output)
+    path = list(range(n - 1, -1, -1)) if cfg.mtp.head_type == "anticausal" else [0]
+    for j, i in enumerate(path):
+        for name, t in _layer(head_get, f"heads.layers.{i}.", cfg).items():
+            tensors[f"model.layers.{trunk + j}.{name}"] = t
     tensors["model.embed_tokens.weight"] = plain["embedding.word_embeddings.weight"][:vocab_size].clone()
     tensors["model.norm.weight"] = plain["heads.final_layernorm.weight"].clone()
     if not cfg.model.tie_embeddings:
         tensors["lm_head.weight"] = plain["output_layer.weight"][:vocab_size].clone()
-    for k in range(1, cfg.mtp.n):
-        for name, t in _layer(head_get, f"heads.layers.{k}.", cfg).items():
-            tensors[f"{MTP_PREFIX}{k}.{name}"] = t
+    if cfg.mtp.head_type != "anticausal":  # its heads are all on the path already
+        for k in range(1, n):
+            for name, t in _extra_head(head_get, f"heads.layers.{k}.", cfg).items():
+                tensors[f"{MTP_PREFIX}{k}.{name}"] = t
     return llama_config(cfg, vocab_size), tensors, common["tokenizer_json"]
 
 

@@ -25,8 +25,9 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch import Tensor
 
 from mtp_pretrain.config import MTPConfig
-from mtp_pretrain.model.heads import MTPHeads
+from mtp_pretrain.model.heads import HeadInputs, MTPHeads
 from mtp_pretrain.model.vocab import mask_vocab_padding, vocab_parallel_argmax
+from mtp_pretrain.rng import RandomState
 from mtp_pretrain.targets import HeadStats, HeadTargets, StepCounts, joint_hits
 
 
@@ -87,6 +88,7 @@ class MTPLoss:
     memory_efficient: bool = True
     vocab_limit: int | None = None  # ids >= this are vocabulary padding: never predicted
     normalization: str = "global"  # or "micro_batch" (MTPConfig.loss_normalization)
+    chain_recompute: bool = True  # chained heads: re-run forwards in the backward (MTPConfig.chain_recompute)
     # this optimizer step's per-head denominators under "global"; set and cleared by the engine
     step_counts: StepCounts | None = field(default=None, compare=False, repr=False)
 
@@ -97,7 +99,12 @@ class MTPLoss:
     @classmethod
     def from_config(cls, mtp: MTPConfig, vocab_limit: int | None = None) -> MTPLoss:
         return cls(
-            tuple(mtp.weights()), mtp.chunk_size, mtp.memory_efficient, vocab_limit, mtp.loss_normalization
+            tuple(mtp.weights()),
+            mtp.chunk_size,
+            mtp.memory_efficient,
+            vocab_limit,
+            mtp.loss_normalization,
+            mtp.chain_recompute,
         )
 
     def _scales(self, per_head: Sequence[tuple[Tensor, Tensor]]) -> list[float]:
@@ -114,7 +121,7 @@ class MTPLoss:
         unembed: Callable[[Tensor], Tensor],
         unembed_weight: torch.nn.Parameter,
         targets: HeadTargets,
-        rotary_pos_emb: Tensor | None,
+        inputs: HeadInputs,
     ) -> tuple[Tensor, HeadStats]:
         """Loss = sum_i w_i * mean CE of head i over its valid targets (those of the optimizer step, or of this
         micro-batch: see the class), and the per-head statistics (with the joint hits of heads 1..k behind
@@ -128,10 +135,8 @@ class MTPLoss:
         per_head = [targets.of_head(i, seq_len) for i in range(n)]
         scales = self._scales(per_head)
 
-        def head_loss(
-            i: int, z: Tensor, w_grad: Tensor | None
-        ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-            """Head i, one sequence chunk of logits at a time: (CE sum, top-1 hits [T, B], y, dL/dy or None).
+        def head_loss(i: int, y: Tensor, w_grad: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+            """Head i's output y, one sequence chunk of logits at a time: (CE sum, top-1 hits [T, B], dL/dy).
 
             With w_grad (the training path) it also backpropagates head i's scaled loss through the shared
             unembedding by hand: dW += dlogits^T y goes into w_grad in place (addmm_), so the V x d gradient
@@ -139,7 +144,6 @@ class MTPLoss:
             tensor per call), and dy = dlogits W, all-reduced across TP like ColumnParallelLinear's input.
             """
             tgt, valid = per_head[i]
-            y = heads.forward_head(i, z, rotary_pos_emb)
             y_det = y.detach()
             chunks = _chunks(seq_len, chunk_size)
             # dL/dy: one chunk writes it whole; several fill their slices of one buffer
@@ -155,8 +159,9 @@ class MTPLoss:
                     with torch.no_grad():
                         logits = F.linear(y_c, unembed_weight)
                     logits.requires_grad_()
-                    ce_sum, hits[sl] = _chunk_ce(logits, tgt[sl], valid[sl], vocab_limit)
-                    (g_logits,) = torch.autograd.grad(ce_sum * scales[i], logits)
+                    with torch.enable_grad():
+                        ce_sum, hits[sl] = _chunk_ce(logits, tgt[sl], valid[sl], vocab_limit)
+                        (g_logits,) = torch.autograd.grad(ce_sum * scales[i], logits)
                     with torch.no_grad():  # with a graph, dy would keep every chunk's g_logits alive
                         g2 = g_logits.flatten(0, 1)
                         w_grad.addmm_(g2.t(), y_c.flatten(0, 1))
@@ -171,40 +176,39 @@ class MTPLoss:
                 loss_sum = loss_sum + ce_sum.detach().float()
             if dy is not None and parallel_state.get_tensor_model_parallel_world_size() > 1:
                 torch.distributed.all_reduce(dy, group=parallel_state.get_tensor_model_parallel_group())
-            return loss_sum, hits, y, dy
+            return loss_sum, hits, dy
 
-        def stats_of(rows: list[tuple[Tensor, Tensor]]) -> Tensor:
-            """[n, 4] HeadStats.packed() of the rows (CE sum, hits [T, B]) of heads 1..n."""
+        def stats_of(rows: dict[int, tuple[Tensor, Tensor]]) -> Tensor:
+            """[n, 4] HeadStats.packed() of the rows {i: (CE sum, hits [T, B])} of heads 1..n."""
             counts = [v.sum() for _, v in per_head]
-            joint = joint_hits(torch.stack([hit for _, hit in rows]))  # [n, T, B] bool
+            ordered = [rows[i] for i in range(n)]
+            joint = joint_hits(torch.stack([hit for _, hit in ordered]))  # [n, T, B] bool
             # whole-tensor sums: a bool sum over some dims takes a slow path on CPU (~1 ms here, 50x)
             return torch.stack(
                 [
                     torch.stack([s, hit.sum().float(), k.float(), j.sum().float()])
-                    for (s, hit), k, j in zip(rows, counts, joint, strict=True)
+                    for (s, hit), k, j in zip(ordered, counts, joint, strict=True)
                 ]
             )
 
-        def total_loss(rows: list[tuple[Tensor, Tensor]]) -> Tensor:
-            return sum(s * sc for (s, _), sc in zip(rows, scales, strict=True))
+        def total_loss(rows: dict[int, tuple[Tensor, Tensor]]) -> Tensor:
+            return sum(rows[i][0] * scales[i] for i in range(n))
 
         if not torch.is_grad_enabled():  # evaluation: no graph, one head's logits chunk alive at a time
-            rows = [head_loss(i, h, w_grad=None)[:2] for i in range(n)]
+            rows = {i: head_loss(i, y, w_grad=None)[:2] for i, y in heads.run(h, inputs)}
             return total_loss(rows), HeadStats.unpacked(stats_of(rows))
 
         if not self.memory_efficient:  # the reference: every head's logits stay alive in one graph
-            rows, terms = [], []
-            for i in range(n):
+            rows, terms = {}, []
+            for i, y in heads.run(h, inputs):
                 tgt, valid = per_head[i]
-                ce_sum, hits = _chunk_ce(
-                    unembed(heads.forward_head(i, h, rotary_pos_emb)), tgt, valid, vocab_limit
-                )
+                ce_sum, hits = _chunk_ce(unembed(y), tgt, valid, vocab_limit)
                 terms.append(ce_sum * scales[i])
-                rows.append((ce_sum.detach().float(), hits))
+                rows[i] = (ce_sum.detach().float(), hits)
             return sum(terms), HeadStats.unpacked(stats_of(rows))
 
         params = list(
-            {id(p): p for i in range(n) for p in [unembed_weight, *heads.head_parameters(i)]}.values()
+            {id(p): p for i in range(n) for p in [unembed_weight, *heads.head_parameters(i, inputs)]}.values()
         )
 
         def compute(h_in: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor, list]:
@@ -213,22 +217,93 @@ class MTPLoss:
             grads: list[Tensor | None] = [None] * len(params)
             grads[slot[id(unembed_weight)]] = w_grad = torch.zeros_like(unembed_weight)
             grad_z = torch.zeros_like(z)
-            rows = []
-            for i in range(n):
-                loss_sum, hits, y, dy = head_loss(i, z, w_grad)
-                rows.append((loss_sum, hits))
-                own = heads.head_parameters(i)
-                g = torch.autograd.grad(y, [z, *own], grad_outputs=dy, allow_unused=True)
-                grad_z += g[0]
+
+            def backward_head(i: int, outputs: list[Tensor], grad_outputs: list[Tensor], x: Tensor) -> Tensor:
+                """Head i's gradient into its parameters' slots; returns the gradient of its input x."""
+                own = heads.head_parameters(i, inputs)
+                g = torch.autograd.grad(outputs, [x, *own], grad_outputs=grad_outputs, allow_unused=True)
                 for p, gp in zip(own, g[1:], strict=True):
                     k = slot[id(p)]
                     if gp is not None:
                         grads[k] = gp if grads[k] is None else grads[k].add_(gp)  # in place: no 2nd copy
-                del y, dy, g
+                return g[0]
+
+            rows: dict[int, tuple[Tensor, Tensor]] = {}
+            if not heads.chained:  # every head reads h: forward and backward one head at a time
+                for i in heads.order:
+                    y, _ = heads.forward_head(i, z, inputs)
+                    loss_sum, hits, dy = head_loss(i, y, w_grad)
+                    rows[i] = (loss_sum, hits)
+                    grad_z += backward_head(i, [y], [dy], z)
+                    del y, dy
+            else:
+                grad_z += self._chained_backward(heads, inputs, z, head_loss, w_grad, rows, backward_head)
             return total_loss(rows).detach(), stats_of(rows), grad_z, grads
 
         loss, stats = _DetachedHeadsLoss.apply(h, compute, *params)  # a Function returns tensors only
         return loss, HeadStats.unpacked(stats)
+
+    def _chained_backward(
+        self,
+        heads: MTPHeads,
+        inputs: HeadInputs,
+        z: Tensor,
+        head_loss: Callable,
+        w_grad: Tensor,
+        rows: dict[int, tuple[Tensor, Tensor]],
+        backward_head: Callable,
+    ) -> Tensor:
+        """Heads that read each other: forward them in chain order keeping only d-sized tensors (each head's
+        carry and dL/dy; its logits are made, used and dropped as for parallel heads), then backward head by
+        head in reverse, re-running each head's forward (with the random state it had: dropout) and carrying
+        the gradient down the chain. Peak: one head's activations or one chunk of logits, never both (the
+        parallel heads' is their sum). ``chain_recompute=False`` keeps every head's graph instead of re-running
+        it (n heads' activations, no second forward). Returns dL/dz."""
+        carries: dict[int, Tensor] = {}
+        dys: dict[int, Tensor] = {}
+        rng: dict[int, RandomState] = {}
+        kept: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # head -> (its input leaf, y, carry) with graph
+        for i in heads.order:
+            src = heads.source(i)
+            keep = not self.chain_recompute
+            x = z if src is None else carries[src].detach()
+            if keep:
+                x = x if src is None else x.requires_grad_()
+                with torch.enable_grad():
+                    y, carry = heads.forward_head(i, x, inputs)
+                kept[i] = (x, y, carry)
+            else:
+                rng[i] = RandomState.capture()
+                with torch.no_grad():
+                    y, carry = heads.forward_head(i, x, inputs)
+            carries[i] = carry.detach()
+            loss_sum, hits, dys[i] = head_loss(i, y, w_grad)
+            rows[i] = (loss_sum, hits)
+            del y, carry, x
+        grad_carry: dict[int, Tensor] = {}
+        grad_z = torch.zeros_like(z)
+        for i in reversed(heads.order):
+            src = heads.source(i)
+            if i in kept:
+                x, y, carry = kept.pop(i)
+            else:
+                x = z if src is None else carries[src].requires_grad_()
+                with rng[i].replayed():
+                    y, carry = heads.forward_head(i, x, inputs)
+            g_carry = grad_carry.pop(i, None)
+            if g_carry is None:
+                outputs, grad_outputs = [y], [dys.pop(i)]
+            elif carry is y:  # sequential: the next head reads y itself
+                outputs, grad_outputs = [y], [dys.pop(i) + g_carry]
+            else:
+                outputs, grad_outputs = [y, carry], [dys.pop(i), g_carry]
+            g_x = backward_head(i, outputs, grad_outputs, x)
+            if src is None:
+                grad_z += g_x
+            else:
+                grad_carry[src] = g_x if src not in grad_carry else grad_carry[src] + g_x
+            del y, carry, outputs, grad_outputs, x, g_x
+        return grad_z
 
 
 def mtp_losses(models: Iterable[torch.nn.Module]) -> list[MTPLoss]:

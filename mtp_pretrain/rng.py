@@ -6,7 +6,10 @@ Kept to types `torch.load(weights_only=True)` accepts, so loading a checkpoint n
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -57,3 +60,34 @@ class RNGState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         set_rng_state(state)
+
+
+@dataclass
+class RandomState:
+    """The streams a forward draws dropout from (torch's CPU and CUDA generators, megatron's tracker), captured
+    so that the forward can run again with the same draws: the chained MTP heads' re-run in the loss."""
+
+    cpu: torch.Tensor
+    cuda: torch.Tensor | None
+    tracker: dict
+
+    @classmethod
+    def capture(cls) -> RandomState:
+        cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+        return cls(torch.get_rng_state(), cuda, tensor_parallel.get_cuda_rng_tracker().get_states())
+
+    @contextlib.contextmanager
+    def replayed(self) -> Iterator[None]:
+        """Run the block from this state, then put the streams back where they were."""
+        now = RandomState.capture()
+        self._set()
+        try:
+            yield
+        finally:
+            now._set()
+
+    def _set(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda)
+        tensor_parallel.get_cuda_rng_tracker().set_states(self.tracker)

@@ -3,6 +3,7 @@ one small trained n=4 model for the inference tests and tools."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -121,6 +122,50 @@ def mtp_run(dist_world, synthetic_source, tmp_path_factory) -> TrainedRun:
     trainer = Trainer(compose_config(*overrides))
     result = trainer.fit()
     return TrainedRun(trainer, result.checkpoint, load_model(result.checkpoint))
+
+
+def _train_head_type(head_type: str, source, root) -> TrainedRun:  # noqa: ANN001 - paths
+    from mtp_pretrain.inference.weights import load_model
+    from mtp_pretrain.trainer import Trainer
+
+    overrides = tiny_run_overrides(
+        source,
+        root / "cache",  # shared: the tokenizer and shards are made once for all types
+        root / head_type,
+        **{
+            # trunk of 1 and 3 heads (chains of three: sequential drafting redoes n-2 = 1 extra position),
+            # GQA 2:1; 8 steps: a few seconds, and heads 2..3 already draft a right token now and then
+            "model.num_layers": 4,
+            "model.num_query_groups": 1,
+            "model.seq_len": 32,
+            "mtp.n": 3,
+            "mtp.head_type": head_type,
+            "trainer.steps": 8,
+            "trainer.micro_batch_size": 8,
+            "trainer.val_every": 8,
+            "trainer.val_batches": 1,
+            "trainer.save_every": 8,
+        },
+    )
+    trainer = Trainer(compose_config(*overrides))
+    result = trainer.fit()
+    return TrainedRun(trainer, result.checkpoint, load_model(result.checkpoint))
+
+
+@pytest.fixture(scope="session")
+def head_type_run(dist_world, synthetic_source, tmp_path_factory) -> Callable[[str], TrainedRun]:
+    """``head_type_run(t)``: a tiny briefly trained model of ``mtp.head_type`` t (trained on first use, once
+    per session; the inference, export and acceptance tests share them)."""
+    root = tmp_path_factory.getbasetemp() / "head_types"
+
+    runs: dict[str, TrainedRun] = {}
+
+    def run(head_type: str) -> TrainedRun:
+        if head_type not in runs:
+            runs[head_type] = _train_head_type(head_type, synthetic_source, root)
+        return runs[head_type]
+
+    return run
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

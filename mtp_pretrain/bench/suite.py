@@ -10,7 +10,10 @@ another's memory figures); this script only runs them, collects their JSON and s
                                              n in {1, 2, 4, 8}, V in {32k, 128k}
     step        tools/bench_step.py          step time n=4 / n=1 over the FLOP ratio (same trunk)
     megatron    tools/bench_megatron_mtp.py  the same trunk with megatron-core's built-in MTP (DeepSeek-style
-                                             mtp_num_layers): peak memory and step time vs ours
+                                             mtp_num_layers): peak memory and step time vs ours (parallel
+                                             heads) and vs ours with sequential heads (the same design)
+    heads       tools/bench_head_types.py    every mtp.head_type's training-step peak memory and step time
+                                             over parallel's (same shape as megatron's)
     attention   tools/bench_attention.py     core attention model.attention=sdpa vs local: step time and
                                              peak memory at T=1024 and 2048
     determinism tools/bench_determinism.py   step time with trainer.deterministic on vs off
@@ -46,6 +49,7 @@ SUITE = {
     "memory_v128k": ("bench_loss_memory.py", ["--vocab", "131072", *MEMORY_SHAPE]),
     "step": ("bench_step.py", ["--steps", "4"]),
     "megatron": ("bench_megatron_mtp.py", []),
+    "head_types": ("bench_head_types.py", ["--steps", "2"]),  # 5 models: 3 rounds of 5 steps
     "attention": ("bench_attention.py", []),
     "determinism": ("bench_determinism.py", ["--steps", "6"]),
     "data": ("bench_data.py", ["--seconds", "1.5", "--train-steps", "6"]),
@@ -55,6 +59,7 @@ GROUPS = {
     "memory": ["memory_v32k", "memory_v128k"],
     "step": ["step"],
     "megatron": ["megatron"],
+    "heads": ["head_types"],
     "attention": ["attention"],
     "determinism": ["determinism"],
     "data": ["data"],
@@ -119,6 +124,31 @@ def _memory_rows(raw: dict) -> list[list[str]]:
     return rows
 
 
+def _head_type_rows(raw: dict) -> list[list[str]]:
+    res = raw.get("head_types", {}).get("result")
+    if not res:
+        return []
+    c = res["config"]
+    ref = next(r for r in res["rows"] if r["head_type"] == c["reference"])
+    rows = []
+    for r in res["rows"]:
+        measured = f"peak {r['peak_mib']:.0f} MiB, step {r['step_s']:.3f} s"
+        if r is not ref:
+            measured = (
+                f"peak {r['peak_mib']:.0f} vs {ref['peak_mib']:.0f} MiB, "
+                f"step {r['step_s']:.3f} vs {ref['step_s']:.3f} s"
+            )
+        rows.append(
+            [
+                f"MTP head type {r['head_type']}, n={c['n']}: training-step peak memory / step time "
+                f"÷ {c['reference']} (attention {c['attention']})",
+                measured,
+                f"memory {r['memory_ratio']:.2f}x, time {r['time_ratio']:.2f}x",
+            ]
+        )
+    return rows
+
+
 def summarise(raw: dict) -> list[list[str]]:
     """[benchmark, measured, ratio] rows of everything that ran."""
     rows = _memory_rows(raw)
@@ -140,6 +170,28 @@ def summarise(raw: dict) -> list[list[str]]:
                 f"megatron/ours: memory {res['memory_ratio']:.2f}x, time {res['time_ratio']:.2f}x",
             ]
         )
+        if "sequential_memory_ratio" in res:  # results before ours-sequential joined lack it
+            rows.append(
+                [
+                    "ours sequential heads (DeepSeek-V3 MTP modules) vs megatron-core built-in MTP, same design, "
+                    "attention " + res.get("config", {}).get("attention", "local"),
+                    f"peak {res['ours_sequential_peak_mib']:.0f} vs {res['megatron_peak_mib']:.0f} MiB, "
+                    f"step {res['ours_sequential_step_s']:.3f} vs {res['megatron_step_s']:.3f} s",
+                    f"sequential/megatron: memory {res['sequential_memory_ratio']:.2f}x, "
+                    f"time {res['sequential_time_ratio']:.2f}x (goal: memory < 1, time <= 1.0)",
+                ]
+            )
+        if "sequential_kept_memory_ratio" in res:
+            rows.append(
+                [
+                    "the same, mtp.chain_recompute=false (every head's activations kept, no re-run forward)",
+                    f"peak {res['ours_sequential_kept_peak_mib']:.0f} vs {res['megatron_peak_mib']:.0f} MiB, "
+                    f"step {res['ours_sequential_kept_step_s']:.3f} vs {res['megatron_step_s']:.3f} s",
+                    f"sequential/megatron: memory {res['sequential_kept_memory_ratio']:.2f}x, "
+                    f"time {res['sequential_kept_time_ratio']:.2f}x",
+                ]
+            )
+    rows += _head_type_rows(raw)
     if res := raw.get("attention", {}).get("result"):
         for r in res["rows"]:
             rows.append(
@@ -197,7 +249,7 @@ def plot(raw: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     for name, style in zip(GROUPS["memory"], ("-", "--"), strict=True):
         res = raw.get(name, {}).get("result")
         if not res:
@@ -212,11 +264,28 @@ def plot(raw: dict, path: Path) -> None:
     bars: dict[str, float] = {}
     if res := raw.get("megatron", {}).get("result"):
         bars |= {"megatron MTP\nmemory": res["memory_ratio"], "megatron MTP\ntime": res["time_ratio"]}
+        if "sequential_memory_ratio" in res:
+            bars |= {
+                "sequential /\nmegatron mem.": res["sequential_memory_ratio"],
+                "sequential /\nmegatron time": res["sequential_time_ratio"],
+            }
     if res := raw.get("step", {}).get("result"):
         bars["n4/n1 time\n/ FLOPs"] = res["time_over_flops"]
     axes[1].bar(list(bars), list(bars.values()), color="tab:gray")
     axes[1].axhline(1.0, color="k", lw=0.8)
-    axes[1].set(title="ratios (1.0 = parity with ours / with FLOPs)")
+    axes[1].set(title="ratios (1.0 = parity with ours / megatron / FLOPs)")
+    axes[1].tick_params(axis="x", labelsize=7)
+    if res := raw.get("head_types", {}).get("result"):
+        types = [r["head_type"] for r in res["rows"]]
+        x = range(len(types))
+        axes[3].bar([i - 0.2 for i in x], [r["memory_ratio"] for r in res["rows"]], 0.4, label="peak memory")
+        axes[3].bar([i + 0.2 for i in x], [r["time_ratio"] for r in res["rows"]], 0.4, label="step time")
+        axes[3].axhline(1.0, color="k", lw=0.8)
+        axes[3].set_xticks(list(x), types)
+        top = max(max(r["memory_ratio"], r["time_ratio"]) for r in res["rows"])
+        axes[3].set_ylim(0, 1.3 * top)  # room for the legend above the bars
+        axes[3].legend(loc="upper left", ncol=2)
+    axes[3].set(title="head types ÷ parallel (training step)")
     if res := raw.get("decode", {}).get("result"):
         labels = [f"batch {r['batch']}" for r in res["rows"]]
         x = range(len(labels))

@@ -26,7 +26,14 @@ from torch import Tensor
 from mtp_pretrain import compat
 from mtp_pretrain.config import OptimConfig
 from mtp_pretrain.engine.base import Batch, EngineBase, StepResult, reduce_outputs, step_normalization, take
+from mtp_pretrain.model.mtp_model import sync_embedding_copy_grads
 from mtp_pretrain.targets import HeadStats
+
+
+def _finalize_model_grads(model: list[torch.nn.Module], *args: Any, **kwargs: Any) -> None:
+    """megatron's gradient finalization (DP reduction, tied embeddings) + the sequential heads' embedding copy."""
+    finalize_model_grads(model, *args, **kwargs)
+    sync_embedding_copy_grads(model)
 
 
 class MegatronEngine(EngineBase):
@@ -73,7 +80,7 @@ class MegatronEngine(EngineBase):
         )
         self.scheduler = self._schedule(self.optimizer, optim, total_steps)
         # What megatron's own training loop wires into the config for its schedules.
-        config.finalize_model_grads_func = finalize_model_grads
+        config.finalize_model_grads_func = _finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss
         if overlap_grad_reduce:
             no_sync = [c.no_sync for c in self.chunks]

@@ -68,7 +68,9 @@ def heldout_metrics(
     for tokens in batches:
         valid, segments = target_mask(tokens, model.eos, pad, mask_doc_boundaries)
         targets = HeadTargets(tokens, valid, segments)
-        logits = dec(tokens[:, :seq].to(dec.embed.device))  # [n, B, T, V]
+        # sequential heads read the tokens after the inputs too, as the training batch gives them
+        device = dec.embed.device
+        logits = dec(tokens[:, :seq].to(device), lookahead=tokens[:, seq:].to(device))  # [n, B, T, V]
         hits = []
         for i in range(n):
             tgt, ok = targets.of_head(i, seq)  # [T, B]

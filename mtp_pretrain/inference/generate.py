@@ -7,8 +7,10 @@ head at once. Head 1's argmax g0..g(n-1) over the block is what greedy decoding 
 those positions *if* the inputs before it are right: d1 is right iff d1 == g0, d2 iff also d2 == g1, ...
 So the longest matching prefix (a drafts) is accepted, g_a is head 1's own next token (always right), and
 a + 1 tokens come out of one forward. Rejected positions are rolled back by moving each row's cache length
-back; heads 2..n at the last accepted position supply the next drafts. The output equals greedy decoding
-token for token (tests/unit/inference/test_generate.py); only the number of forward passes changes.
+back; heads 2..n at the last accepted position supply the next drafts (``MTPDecoder.draft_logits``: from
+the same forward, except sequential heads, which read the tokens they draft and run after it). The output
+equals greedy decoding token for token (tests/unit/inference/test_generate.py, test_head_types.py); only
+the number of forward passes changes.
 
 A forward over every head costs more than one over head 1 alone (measured ~1.4x on CPU at batch 1 for the
 demo model, whose 4 heads are 2/3 of its blocks), so drafts that are rarely accepted make decoding slower.
@@ -191,11 +193,13 @@ def generate(
     # a row that finishes inside a block has advanced up to `heads` past its last token, and a finished
     # row's block still writes `heads` positions from there (its results are dropped)
     cache = model.new_cache(B, int(lengths.max()) + max_new_tokens + 2 * heads)
-    hidden = model.hidden(padded, cache, heads)[:, rows, lengths - 1]  # [heads, B, d] at each prompt's end
+    hidden = model.hidden(padded, cache, model.step_heads(speculative))  # [heads or 1, B, S, d]
     cache.lengths.copy_(lengths)
-    logits = model.logits(hidden)
-    pending = choose(logits[0], sampling, generator)  # decided, not yet run through the model
-    drafts = logits[1:].argmax(-1).t()  # [B, heads-1]
+    # decided, not yet run through the model
+    pending = choose(model.logits(hidden[0, rows, lengths - 1]), sampling, generator)
+    drafts = torch.zeros(B, 0, dtype=torch.long, device=device)  # [B, heads-1]
+    if speculative:
+        drafts = model.draft_logits(hidden, lengths - 1, pending, cache).argmax(-1).t()
     stats.forwards, stats.row_forwards = 1, B - sum(done)
     for b in range(B):
         if not done[b]:
@@ -216,21 +220,23 @@ def generate(
         if draft_fn is not None and speculative:
             drafts = draft_fn([list(o) for o in out], drafts)
         block = torch.cat([pending[:, None], drafts], dim=1)  # [B, heads]
-        hidden = model.hidden(block, cache, heads if speculative else 1)  # [heads, B, block, d]
+        hidden = model.hidden(block, cache, model.step_heads(speculative))  # [heads or 1, B, block, d]
         stats.forwards += 1
         stats.row_forwards += B - sum(done)
+        active = torch.tensor([not d for d in done], device=device)
         if not speculative:
             pending = choose(model.logits(hidden[0, :, -1]), sampling, generator)
             accepted = torch.zeros(B, dtype=torch.long, device=device)
             new = pending[:, None]
+            cache.lengths += active.long()  # finished rows stay put
         else:
             greedy = model.logits(hidden[0]).argmax(-1)  # [B, heads]: head 1 at every block position
             accepted = (drafts == greedy[:, :-1]).long().cumprod(1).sum(1)  # longest matching prefix
             pending = greedy[rows, accepted]
-            drafts = model.logits(hidden[1:, rows, accepted]).argmax(-1).t()  # heads 2..n where we stand
             new = greedy
-        active = torch.tensor([not d for d in done], device=device)
-        cache.lengths += torch.where(active, accepted + 1, 0)  # finished rows stay put
+            cache.lengths += torch.where(active, accepted + 1, 0)  # finished rows stay put
+            # heads 2..n where we stand (the drafting needs the lengths there: sequential heads)
+            drafts = model.draft_logits(hidden, accepted, pending, cache).argmax(-1).t()
         new_list, accepted_list = new.tolist(), accepted.tolist()
         for b in range(B):
             if done[b]:

@@ -1,8 +1,10 @@
 """Load a model for inference from a training checkpoint (any TP x PP x DP layout) or an `mtp-export` dir.
 
 Both sources become the same thing first: a Llama config, tensors under Llama names (heads 2..n under
-``mtp_heads.<k>.``) and the tokenizer JSON — the export format (export.py). A checkpoint is gathered into
-this one process with dist_checkpointing's plain-tensor reader, so no training layout needs to be rebuilt.
+``mtp_heads.<k>.``, or for anticausal heads among the layers) and the tokenizer JSON — the export format
+(export.py), whose ``mtp_head_type`` says which heads the decoder builds (parallel if absent). A checkpoint
+is gathered into this one process with dist_checkpointing's plain-tensor reader, so no training layout
+needs to be rebuilt.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from mtp_pretrain.checkpoint import Checkpointer, CheckpointError
 from mtp_pretrain.data.tokenizer import eos_id, load_tokenizer
 from mtp_pretrain.determinism import warm_up_vml
 from mtp_pretrain.export import MTP_FILE, MTP_PREFIX, checkpoint_as_llama
+from mtp_pretrain.inference.heads import head_blocks
 from mtp_pretrain.inference.model import DecoderConfig, MTPDecoder
 
 _BLOCK = {  # StackedBlocks attribute -> the Llama tensors it is made of (concatenated along dim 0)
@@ -29,6 +32,16 @@ _BLOCK = {  # StackedBlocks attribute -> the Llama tensors it is made of (concat
     "mlp_norm": ["post_attention_layernorm.weight"],
     "gate_up": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
     "down": ["mlp.down_proj.weight"],
+}
+
+_EXTRA = {  # heads' attribute (stacked over heads 2..n) -> the exported tensor below mtp_heads.<k>
+    "linear": {"linear": "weight"},
+    "sequential": {
+        "enorm": "enorm.weight",
+        "hnorm": "hnorm.weight",
+        "eh_proj": "eh_proj.weight",
+        "final_norm": "norm.weight",
+    },
 }
 
 
@@ -84,6 +97,30 @@ def _check_tokenizer(tokenizer: str | Path, model_json: str, vocab_size: int) ->
     return tok
 
 
+def _head_prefixes(cfg: DecoderConfig, trunk: int) -> list[str]:
+    """Where head block i (the decoder's slot i) is in the export (export.py): head 1 after the trunk and
+    heads 2..n under mtp_heads.<k>; anticausal, head i+1 is layer L-1-i (heads n..1 follow the trunk)."""
+    n = cfg.mtp_heads
+    if cfg.head_type == "anticausal":
+        return [f"model.layers.{trunk + n - 1 - i}." for i in range(n)]
+    return [f"model.layers.{trunk}."] + [f"{MTP_PREFIX}{k}." for k in range(1, head_blocks(cfg))]
+
+
+def _copy_weights(model: MTPDecoder, tensors: dict[str, torch.Tensor], trunk: int) -> None:
+    cfg, heads = model.cfg, model.heads
+    blocks = [(b, [f"model.layers.{i}."]) for i, b in enumerate(model.trunk)]
+    for block, prefixes in [*blocks, (heads.blocks, _head_prefixes(cfg, trunk))]:
+        for attr, names in _BLOCK.items():
+            stacked = torch.stack([torch.cat([tensors[p + name] for name in names]) for p in prefixes])
+            getattr(block, attr).copy_(stacked)
+    extra = [f"{MTP_PREFIX}{k}." for k in range(1, cfg.mtp_heads)]
+    for attr, name in _EXTRA.get(cfg.head_type, {}).items():
+        getattr(heads, attr).copy_(torch.stack([tensors[p + name] for p in extra]))
+    model.embed.copy_(tensors["model.embed_tokens.weight"])
+    heads.norm.copy_(tensors["model.norm.weight"])
+    model.unembed.copy_(tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"]))
+
+
 def load_model(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
@@ -95,18 +132,21 @@ def load_model(
     source = resolve(path)
     config, tensors, tok_json = _read(source)
     n = int(config.get("mtp_n_heads", 1))
-    layers = config["num_hidden_layers"]  # trunk + head 1
+    head_type = config.get("mtp_head_type", "parallel") if n > 1 else "parallel"  # n = 1: a plain Llama
+    layers = config["num_hidden_layers"]  # trunk + head 1 (anticausal: trunk + every head)
+    trunk = layers - (n if head_type == "anticausal" else 1)
     cfg = DecoderConfig(
         vocab_size=config["vocab_size"],
         hidden_size=config["hidden_size"],
         ffn_hidden_size=config["intermediate_size"],
         num_heads=config["num_attention_heads"],
         num_kv_heads=config["num_key_value_heads"],
-        trunk_layers=layers - 1,
+        trunk_layers=trunk,
         mtp_heads=n,
         context=config["max_position_embeddings"],
         norm_eps=config["rms_norm_eps"],
         rope_base=config["rope_theta"],
+        head_type=head_type,
     )
     if n == 1:
         warnings.warn(
@@ -115,20 +155,8 @@ def load_model(
             stacklevel=2,
         )
     model = MTPDecoder(cfg)
-    block_prefixes = [f"model.layers.{i}." for i in range(layers)] + [
-        f"{MTP_PREFIX}{k}." for k in range(1, n)
-    ]
-    trunk_prefixes, head_prefixes = block_prefixes[: layers - 1], block_prefixes[layers - 1 :]
     with torch.no_grad():
-        for block, prefixes in [(b, [p]) for b, p in zip(model.trunk, trunk_prefixes, strict=True)] + [
-            (model.heads, head_prefixes)
-        ]:
-            for attr, names in _BLOCK.items():
-                stacked = torch.stack([torch.cat([tensors[p + name] for name in names]) for p in prefixes])
-                getattr(block, attr).copy_(stacked)
-        model.embed.copy_(tensors["model.embed_tokens.weight"])
-        model.norm.copy_(tensors["model.norm.weight"])
-        model.unembed.copy_(tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"]))
+        _copy_weights(model, tensors, trunk)
     model.to(device=device, dtype=dtype).eval()
     tok = (
         Tokenizer.from_str(tok_json)

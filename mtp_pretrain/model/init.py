@@ -58,8 +58,8 @@ def init_parameters(model: torch.nn.Module, config: TransformerConfig, total_lay
             param.fill_(1.0)
             continue
         gname = global_name(model, name)
-        if tied and gname == "output_layer.weight":  # the last stage's copy of the tied embedding
-            gname = "embedding.word_embeddings.weight"
+        if (tied and gname == "output_layer.weight") or gname == "embedding_copy.weight":
+            gname = "embedding.word_embeddings.weight"  # the last stage's copy of the embedding
         shape = list(param.shape)
         if getattr(param, "tensor_model_parallel", False):
             shape[param.partition_dim] *= tp

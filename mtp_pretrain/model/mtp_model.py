@@ -1,7 +1,7 @@
 """The MTP language model as one megatron-core module with pipeline stages.
 
     tokens [B, T+n] --embedding--> trunk (L-n Llama blocks, split across pipeline stages) --> h [T, B, d]
-    h --head i (one block) --shared final norm--shared unembedding--> logits predicting token t+i, i=1..n
+    h --head i (model/heads.py: mtp.head_type)--> normed hidden --shared unembedding--> logits of token t+i
 
 Stage 0 holds the embedding; the last stage holds the heads, the norm and the unembedding, and returns the
 loss of ``loss_fn`` (the model knows its signature, not its maths: mtp_pretrain/build.py passes
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -24,11 +24,12 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import make_tp_sharded_tensor_for_checkpoint
 from torch import Tensor
 
 from mtp_pretrain import compat
 from mtp_pretrain.config import ModelConfig, MTPConfig, ffn_hidden_size
-from mtp_pretrain.model.heads import MTPHeads
+from mtp_pretrain.model.heads import HeadInputs, MTPHeads
 from mtp_pretrain.model.vocab import mask_vocab_padding
 from mtp_pretrain.targets import HeadStats, HeadTargets
 
@@ -83,9 +84,9 @@ def transformer_config(
     )
 
 
-# (trunk output h [T, B, d], heads, unembed, unembedding weight, targets, rotary embedding) -> (loss, stats)
+# (trunk output h [T, B, d], heads, unembed, unembedding weight, targets, head inputs) -> (loss, stats)
 LossFn = Callable[
-    [Tensor, MTPHeads, Callable[[Tensor], Tensor], torch.nn.Parameter, HeadTargets, Tensor | None],
+    [Tensor, MTPHeads, Callable[[Tensor], Tensor], torch.nn.Parameter, HeadTargets, HeadInputs],
     tuple[Tensor, HeadStats],
 ]
 
@@ -107,6 +108,7 @@ class MTPModel(LanguageModule):
         layer_spec: ModuleSpec | None = None,
         vp_stage: int | None = None,
         real_vocab_size: int | None = None,
+        head_type: str = "parallel",
     ) -> None:
         super().__init__(config=config)
         self.vp_stage = vp_stage  # this chunk's virtual pipeline stage (interleaved schedule), else None
@@ -144,10 +146,32 @@ class MTPModel(LanguageModule):
             post_process=post_process,
             vp_stage=vp_stage,
         )
+        # Sequential heads embed tokens on the last stage. Under PP that stage keeps a copy of the trunk's
+        # table (unless the tied output layer is that copy already); megatron keeps it in sync only for tied
+        # embeddings or its own MTP, so the copy's gradient all-reduce (sync_embedding_copy_grads) and its
+        # checkpoint entry (a replica of the embedding's, sharded_state_dict) are ours.
+        self.embedding_copied = (
+            head_type == "sequential"
+            and n_heads > 1
+            and config.pipeline_model_parallel_size > 1
+            and not tie_embeddings
+        )
         if post_process:
             self.heads = MTPHeads(
-                config, spec, n_heads, first_layer_number=len(self.decoder.layers) + 1, vp_stage=vp_stage
+                config,
+                spec,
+                n_heads,
+                first_layer_number=len(self.decoder.layers) + 1,
+                vp_stage=vp_stage,
+                head_type=head_type,
             )
+            if self.embedding_copied and not pre_process:
+                self.embedding_copy = tensor_parallel.VocabParallelEmbedding(
+                    vocab_size, config.hidden_size, init_method=config.init_method, config=config
+                )
+                # a duplicate: counted once in the gradient norm, reduced over DP in a bucket of its own
+                self.embedding_copy.weight.shared = True
+                self.embedding_copy.weight.shared_embedding = True
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.hidden_size,
                 vocab_size,
@@ -159,6 +183,8 @@ class MTPModel(LanguageModule):
                 skip_weight_param_allocation=pre_process and tie_embeddings,
             )
         self.setup_embeddings_and_output_layer()
+        if self.embedding_copied and pre_process:  # the original, bucketed as its copy is (see above)
+            self.embedding.word_embeddings.weight.shared_embedding = True
 
     def set_input_tensor(self, input_tensor: Tensor | list[Tensor]) -> None:
         """Pipeline stages > 0 receive the previous stage's activations here (megatron's schedule calls it)."""
@@ -179,6 +205,31 @@ class MTPModel(LanguageModule):
         if self.share_embeddings_and_output_weights:
             return self.shared_embedding_or_output_weight()
         return self.output_layer.weight
+
+    def token_embedding_weight(self) -> Tensor | None:
+        """The word embedding table [V/tp, d] as this stage holds it (sequential heads look tokens up in it)."""
+        if self.pre_process:
+            return self.embedding.word_embeddings.weight
+        if self.embedding_copied:
+            return self.embedding_copy.weight
+        return self.output_layer.weight if self.share_embeddings_and_output_weights else None
+
+    def head_inputs(self, tokens: Tensor, rotary: Tensor | None) -> HeadInputs:
+        sequential = self.heads.head_type == "sequential"
+        return HeadInputs(rotary, tokens, self.token_embedding_weight() if sequential else None)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if "embedding_copy.weight" in dict(self.named_parameters()):
+            # saved as a replica of the trunk's embedding (not written; loaded from it): any PP layout resumes
+            del sd[f"{prefix}embedding_copy.weight"]
+            sd[f"{prefix}embedding_copy.weight"] = make_tp_sharded_tensor_for_checkpoint(
+                tensor=self.embedding_copy.weight,
+                key=f"{prefix}embedding.word_embeddings.weight",
+                replica_id=(1, 0, parallel_state.get_data_parallel_rank(with_context_parallel=True)),
+                allow_shape_mismatch=True,
+            )
+        return sd
 
     def trunk(self, input_ids: Tensor | None, seq_len: int) -> tuple[Tensor, Tensor]:
         """Embedding (stage 0) + this stage's trunk layers -> (hidden [T, B, d], rotary embedding)."""
@@ -204,14 +255,32 @@ class MTPModel(LanguageModule):
             )
         valid = target_valid if target_valid is not None else torch.ones_like(tokens, dtype=torch.bool)
         targets = HeadTargets(tokens, valid, segments)
-        return self.loss_fn(h, self.heads, self.unembed, self.unembedding_weight(), targets, rotary)
+        inputs = self.head_inputs(tokens, rotary)
+        return self.loss_fn(h, self.heads, self.unembed, self.unembedding_weight(), targets, inputs)
 
     @torch.no_grad()
     def head_logits(self, tokens: Tensor, heads: int | None = None) -> list[Tensor]:
-        """Vocab-parallel logits [T, B, V/tp] of the first `heads` heads on inputs tokens [B, T] (one stage)."""
+        """Vocab-parallel logits [T, B, V/tp] of the first `heads` heads on inputs tokens [B, T] (one stage).
+        Sequential head k reads token t+k-1, past the end for the last k-1 positions: id 0 there, as
+        megatron's MTP rolls its inputs in (those positions have no target anyway)."""
         h, rotary = self.trunk(tokens, tokens.shape[1])
-        k = self.n_heads if heads is None else heads
-        return [
-            mask_vocab_padding(self.unembed(self.heads.forward_head(i, h, rotary)), self.real_vocab_size)
-            for i in range(k)
-        ]
+        padded = F.pad(tokens, (0, self.n_heads - 1))
+        out = dict(self.heads.run(h, self.head_inputs(padded, rotary), heads))
+        return [mask_vocab_padding(self.unembed(out[i]), self.real_vocab_size) for i in sorted(out)]
+
+
+def sync_embedding_copy_grads(chunks: list[torch.nn.Module]) -> None:
+    """All-reduce the gradient of the trunk's embedding (first pipeline stage) with that of its copy on the
+    last stage (sequential heads, untied, PP > 1), after megatron's own reductions: the two then step alike.
+    A no-op for every other model; ``chunks``: this rank's model chunks (DDP-wrapped or not)."""
+    models = [getattr(c, "module", c) for c in chunks]
+    weights = [
+        m.token_embedding_weight()
+        for m in models
+        if getattr(m, "embedding_copied", False) and (m.pre_process or m.post_process)
+    ]
+    if not weights:
+        return
+    (weight,) = weights  # the first stage holds the table, the last its copy: never both on one rank
+    grad = weight.main_grad if hasattr(weight, "main_grad") else weight.grad
+    torch.distributed.all_reduce(grad, group=parallel_state.get_embedding_group())

@@ -4,6 +4,7 @@ the argmax across shards. Used by the model (logits for inference/eval) and the 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from torch import Tensor
 
@@ -39,3 +40,19 @@ def mask_vocab_padding(logits: Tensor, vocab_limit: int | None) -> Tensor:
         return logits
     ids = torch.arange(start, start + width, device=logits.device)
     return logits.masked_fill(ids >= vocab_limit, float("-inf"))
+
+
+def vocab_parallel_embedding(ids: Tensor, weight: Tensor) -> Tensor:
+    """Rows of a vocab-parallel embedding table [V/tp, d] for token ids [...] -> [..., d], summed over TP ranks
+    (megatron's VocabParallelEmbedding on a weight passed in: the sequential MTP heads look tokens up in the
+    trunk's table, or in the output layer's when it is the same tied table)."""
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return F.embedding(ids, weight)
+    start = parallel_state.get_tensor_model_parallel_rank() * weight.shape[0]
+    outside = (ids < start) | (ids >= start + weight.shape[0])
+    out = F.embedding(torch.where(outside, 0, ids - start), weight)
+    out = out.masked_fill(outside[..., None], 0.0)
+    return reduce_from_tensor_model_parallel_region(out)

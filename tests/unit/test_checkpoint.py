@@ -3,6 +3,7 @@ load."""
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from megatron.core import dist_checkpointing
 from mtp_pretrain import checkpoint
 from mtp_pretrain.build import build_model
 from mtp_pretrain.checkpoint import Checkpointer, CheckpointError, file_digest, step_dir_name, verify
-from mtp_pretrain.config import ModelConfig, MTPConfig, OptimConfig
+from mtp_pretrain.config import HEAD_TYPES, ModelConfig, MTPConfig, OptimConfig
 from mtp_pretrain.engine.megatron import MegatronEngine
 from mtp_pretrain.model.mtp_model import transformer_config
 from mtp_pretrain.rng import get_rng_state
@@ -314,10 +315,11 @@ def test_rank_1_checks_sizes_and_adopts_rank_0s_verdict(model, tmp_path, monkeyp
 # -- engine round trip ------------------------------------------------------------------------------
 
 
-def _engine(seed: int) -> MegatronEngine:
-    tconfig = transformer_config(MODEL, MTP)
+def _engine(seed: int, head_type: str = "parallel") -> MegatronEngine:
+    mtp = replace(MTP, head_type=head_type)
+    tconfig = transformer_config(MODEL, mtp)
     return MegatronEngine(
-        build_model(MODEL, MTP, VOCAB, tconfig, seed=seed), tconfig, OptimConfig(warmup_steps=1), 10
+        build_model(MODEL, mtp, VOCAB, tconfig, seed=seed), tconfig, OptimConfig(warmup_steps=1), 10
     )
 
 
@@ -327,16 +329,17 @@ def _step(engine: MegatronEngine, tokens: torch.Tensor):
     )
 
 
-def test_engine_resume_is_bit_identical(dist_world, tmp_path):
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_engine_resume_is_bit_identical(dist_world, tmp_path, head_type):
     g = torch.Generator().manual_seed(123)
     batches = [torch.randint(0, VOCAB, (BATCH, MODEL.seq_len + MTP.n), generator=g) for _ in range(3)]
-    original = _engine(0)
+    original = _engine(0, head_type)
     for tokens in batches[:2]:
         assert not _step(original, tokens).skipped
     ck = Checkpointer(tmp_path)
     path = ck.save(2, original.save, common={"engine": original.state_dict()}, per_rank={})
 
-    resumed = _engine(1)  # other initial weights, fresh optimizer and schedule
+    resumed = _engine(1, head_type)  # other initial weights, fresh optimizer and schedule
     common, _ = Checkpointer.load(ck.latest())
     resumed.load(ck.latest())
     resumed.load_state_dict(common["engine"])

@@ -75,6 +75,7 @@ def test_head_weights_sum_unless_the_cpu_demo_lowers_them():
         (["mtp.loss_weights=[1.0,1.0]"], "mtp.loss_weights"),  # 2 weights, n=4
         (["mtp.n=2", "mtp.loss_weights=[1.0,1.0,1.0]"], "mtp.loss_weights"),
         (["mtp.chunk_size=-1"], "mtp.chunk_size"),
+        (["mtp.head_type=tree"], "mtp.head_type"),
         (["mtp.extra_heads_weight=-0.5"], "mtp.extra_heads_weight"),
         (["logging.wandb_mode=sometimes"], "logging.wandb_mode"),
         (["trainer.steps=0"], "trainer.steps"),

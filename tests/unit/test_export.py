@@ -10,9 +10,11 @@ from safetensors.torch import load_file
 
 from mtp_pretrain import export as export_module
 from mtp_pretrain.cli import export
+from mtp_pretrain.config import HEAD_TYPES
 from mtp_pretrain.data.tokenizer import load_tokenizer
 from mtp_pretrain.errors import EXIT_CHECKPOINT, EXIT_USAGE, UsageError
 from mtp_pretrain.export import MTP_FILE, TMP_PREFIX, export_checkpoint, write_export
+from mtp_pretrain.inference.weights import load_model
 from mtp_pretrain.trainer import Trainer
 from tests.conftest import compose_config, tiny_run_overrides
 from tests.numerics import assert_same_logits
@@ -68,6 +70,68 @@ def test_export_round_trips_through_transformers(dist_world, synthetic_source, t
         assert tok.encode(text, add_special_tokens=False) == ids and tok.decode(ids) == text
     assert tok.eos_token_id == 0
     assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(EXPECTED_FILES, 0o644)
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_export_holds_every_head_and_loads_the_same_decoder(
+    head_type_run,
+    head_type,
+    tmp_path,
+):
+    """Heads 2..n of every type are exported as the module docstring of export.py says (the fp32 weights
+    copied, so exactly), and the export loads the decoder the checkpoint loads."""
+    run = head_type_run(head_type)
+    out = tmp_path / "hf"
+    export([str(run.checkpoint), "--out", str(out)])
+    config = json.loads((out / "config.json").read_text())
+    assert config["mtp_head_type"] == head_type and config["mtp_n_heads"] == 3
+    assert config["num_hidden_layers"] == (4 if head_type == "anticausal" else 2)  # L = 4, n = 3
+    extra = load_file(out / MTP_FILE) if (out / MTP_FILE).exists() else {}
+    main = load_file(out / "model.safetensors")
+    heads = run.trainer.engine.module.heads.layers  # the export copies the fp32 weights: exact
+    expected = {"parallel": 2 * 9, "causal": 2 * 9, "linear": 2, "sequential": 2 * (4 + 9), "anticausal": 0}
+    assert len(extra) == expected[head_type]
+    for k in (1, 2):
+        if head_type == "linear":
+            assert torch.equal(extra[f"mtp_heads.{k}.weight"], heads[k].weight)
+        elif head_type == "sequential":
+            for name in ("enorm", "hnorm", "eh_proj"):
+                assert torch.equal(extra[f"mtp_heads.{k}.{name}.weight"], getattr(heads[k], name).weight)
+            assert torch.equal(extra[f"mtp_heads.{k}.norm.weight"], heads[k].final_layernorm.weight)
+            o_proj = heads[k].transformer_layer.self_attention.linear_proj.weight
+            assert torch.equal(extra[f"mtp_heads.{k}.self_attn.o_proj.weight"], o_proj)
+        elif head_type == "anticausal":  # layers 1..3 are heads 3..1: heads.layers.<k> (head k+1) is 3 - k
+            o_proj = heads[k].self_attention.linear_proj.weight
+            assert torch.equal(main[f"model.layers.{3 - k}.self_attn.o_proj.weight"], o_proj)
+        else:
+            o_proj = heads[k].self_attention.linear_proj.weight
+            assert torch.equal(extra[f"mtp_heads.{k}.self_attn.o_proj.weight"], o_proj)
+    from_export = load_model(out).decoder.state_dict()
+    for name, t in run.loaded.decoder.state_dict().items():  # the same fp32 values: exact
+        assert torch.equal(t, from_export[name]), name
+
+
+def test_anticausal_export_is_a_llama_computing_every_head(
+    head_type_run,
+    tmp_path,
+):
+    """transformers' Llama on the export: its logits are head 1's, and layer L-k's output through the
+    final norm and lm_head is head k's (the module docstring of export.py)."""
+    transformers = pytest.importorskip("transformers")
+    run = head_type_run("anticausal")
+    out = tmp_path / "hf"
+    export([str(run.checkpoint), "--out", str(out)])
+    hf = transformers.LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    vocab = run.loaded.decoder.cfg.vocab_size
+    tokens = torch.randint(2, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    ours = [t.transpose(0, 1)[..., :vocab] for t in run.trainer.engine.module.eval().head_logits(tokens)]
+    with torch.no_grad():
+        got = hf(tokens, output_hidden_states=True)
+        # hidden_states[j] is layer j-1's output (the last one normed already); head 2 is layer 2 of 0..3
+        head2 = hf.lm_head(hf.model.norm(got.hidden_states[3]))
+    # transformers' Llama vs megatron's blocks: fp32 reordering, as in the parallel round trip above
+    assert_same_logits(got.logits, ours[0])
+    assert_same_logits(head2, ours[1])
 
 
 EXPECTED_FILES = ["config.json", "model.safetensors", MTP_FILE, "tokenizer.json", "tokenizer_config.json"]

@@ -9,17 +9,28 @@ import torch
 from mtp_pretrain.build import build_model
 from mtp_pretrain.config import ModelConfig, MTPConfig
 from mtp_pretrain.loss import MTPLoss
+from mtp_pretrain.model.heads import HeadInputs
 from mtp_pretrain.model.mtp_model import transformer_config
+from mtp_pretrain.rng import RandomState
 from mtp_pretrain.targets import StepCounts, target_mask, valid_counts
 from tests.builders import VOCAB, random_batch
 from tests.numerics import EPS32, assert_same_gradient
 
 
-def _models(cfg: ModelConfig, n: int, chunk: int, tie: bool = False):
+def _models(
+    cfg: ModelConfig,
+    n: int,
+    chunk: int,
+    tie: bool = False,
+    head_type: str = "parallel",
+    recompute: bool = True,
+):
     torch.manual_seed(0)
     cfg = replace(cfg, tie_embeddings=tie)
-    mtp_naive = MTPConfig(n=n, memory_efficient=False, loss_weights=[1.0 + 0.5 * i for i in range(n)])
-    mtp_eff = replace(mtp_naive, memory_efficient=True, chunk_size=chunk)
+    mtp_naive = MTPConfig(
+        n=n, memory_efficient=False, loss_weights=[1.0 + 0.5 * i for i in range(n)], head_type=head_type
+    )
+    mtp_eff = replace(mtp_naive, memory_efficient=True, chunk_size=chunk, chain_recompute=recompute)
     naive = build_model(cfg, mtp_naive, VOCAB, transformer_config(cfg, mtp_naive))
     eff = build_model(cfg, mtp_eff, VOCAB, transformer_config(cfg, mtp_eff))
     eff.load_state_dict(naive.state_dict())
@@ -50,6 +61,35 @@ def test_memory_efficient_gradients_equal_naive(dist_world, tiny_model_cfg, n, c
             assert_same_gradient(p.grad, ref, name)
             checked += 1
     assert checked == len(list(eff.parameters()))
+
+
+@pytest.mark.parametrize(
+    ("head_type", "tie", "recompute"),
+    [(t, tie, True) for t in ("linear", "causal", "anticausal", "sequential") for tie in (False, True)]
+    + [(t, False, False) for t in ("causal", "anticausal", "sequential")],
+)
+def test_every_head_type_gives_the_naive_gradients(dist_world, tiny_model_cfg, head_type, tie, recompute):
+    """The chained heads' forward-then-reverse backward (re-running their forwards, or keeping their graphs:
+    mtp.chain_recompute) and the linear heads' equal autograd on the naive loss; every parameter gets a
+    gradient (sequential heads: the word embedding too)."""
+    naive, eff = _models(tiny_model_cfg, 4, 7, tie=tie, head_type=head_type, recompute=recompute)
+    tokens, valid = random_batch(tiny_model_cfg, 4, True)
+    loss_n, stats_n = naive(tokens, valid)
+    loss_e, stats_e = eff(tokens, valid)
+    (2.5 * loss_n).backward()
+    (2.5 * loss_e).backward()
+    # the bounds of test_memory_efficient_gradients_equal_naive: the same sums, the heads run in the same
+    # order; the chained heads' re-run forward computes the same fp32 values
+    torch.testing.assert_close(loss_e, loss_n, rtol=16 * EPS32, atol=0)
+    torch.testing.assert_close(stats_e.packed(), stats_n.packed(), rtol=16 * EPS32, atol=0)
+    grads_n = dict(naive.named_parameters())
+    for name, p in eff.named_parameters():
+        assert p.grad is not None and grads_n[name].grad is not None, name
+        assert_same_gradient(p.grad, grads_n[name].grad, f"{head_type} {name}")
+    with torch.no_grad():  # the evaluation path runs the same chain
+        loss_eval, stats_eval = eff(tokens, valid)
+    torch.testing.assert_close(loss_eval, loss_e.detach())
+    torch.testing.assert_close(stats_eval.packed(), stats_e.packed())
 
 
 def test_tied_embeddings_gradients_equal_naive(dist_world, tiny_model_cfg):
@@ -140,7 +180,9 @@ def test_padding_ids_of_the_padded_vocabulary_get_no_probability(dist_world, tin
         h, rotary = model.trunk(tokens[:, : tiny_model_cfg.seq_len], tiny_model_cfg.seq_len)
         want = 0.0
         for i in range(2):
-            full = model.unembed(model.heads.forward_head(i, h, rotary))[..., :200]  # [T, B, 200]
+            full = model.unembed(model.heads.forward_head(i, h, HeadInputs(rotary))[0])[
+                ..., :200
+            ]  # [T, B, 200]
             target = tokens[:, i + 1 : i + 1 + tiny_model_cfg.seq_len].t()
             want += torch.nn.functional.cross_entropy(full.flatten(0, 1), target.flatten())
     # CE over 256 ids of which 56 are -inf (exact zeros in the sum) vs over the 200 real ones: another
@@ -189,3 +231,19 @@ def test_step_counts_must_fit_the_heads_and_normalization_is_checked():
     assert StepCounts((8, 0), averaged=4).scales([1.0, 0.5]) == [0.5, 2.0]  # an empty head: no division by 0
     with pytest.raises(ValueError, match="normalization='token'"):
         MTPLoss((1.0,), normalization="token")
+
+
+@pytest.mark.parametrize("head_type", ["causal", "sequential"])
+def test_chained_heads_replay_their_dropout(dist_world, tiny_model_cfg, head_type):
+    """With dropout, the chained heads' re-run forward draws the masks of their first forward (the streams are
+    captured per head and replayed), so the gradients are still the naive loss's for the same seed."""
+    naive, eff = _models(replace(tiny_model_cfg, dropout=0.2), 3, 0, head_type=head_type)
+    naive.train(), eff.train()
+    tokens, valid = random_batch(tiny_model_cfg, 3, False)
+    start = RandomState.capture()  # torch's generator and megatron's tracker (attention dropout)
+    for model in (naive, eff):
+        with start.replayed():  # the same draws for both: trunk, then the heads in chain order
+            model(tokens, valid)[0].backward()
+    grads_n = dict(naive.named_parameters())
+    for name, p in eff.named_parameters():
+        assert_same_gradient(p.grad, grads_n[name].grad, f"{head_type} {name}")

@@ -1,7 +1,7 @@
 """Run under torchrun (gloo): the n=4 parity model trained by the DeepSpeed engine in several ZeRO layouts.
 
     torchrun --nproc-per-node=W tests/distributed/deepspeed_parity.py OUT_DIR SPEC [SPEC ...]
-    SPEC = zero_stage,grad_accum[,tp2][,masked]   (dp = W / tp)
+    SPEC = zero_stage,grad_accum[,tp2][,masked[,types]]   (dp = W / tp)
 
 Same model, optimizer settings and global batches as layout_parity.py (its single-process megatron run is
 the reference). For each SPEC: STEPS steps, per-step per-head losses (OUT_DIR/<name>.json, logging rank) and
@@ -10,7 +10,8 @@ can load it into a TP1 model and compare every parameter.
 
 ``masked``: layout_parity.py's masked batches (very uneven valid targets), mtp.loss_normalization=global; also
 writes the first step's reduced gradients (OUT_DIR/masked-<name>-grads.pt), compared with one process on the
-concatenated batch.
+concatenated batch. ``types``: instead, one masked step of each head type of layout_parity.HEAD_TYPES (its
+gradients only: OUT_DIR/masked-<name>-<type>-grads.pt).
 """
 
 import sys
@@ -26,6 +27,7 @@ from mtp_pretrain.config import MTPConfig, ParallelConfig
 from mtp_pretrain.engine.deepspeed import DeepSpeedEngine
 from mtp_pretrain.model.mtp_model import transformer_config
 from tests.integration.distributed.layout_parity import (
+    HEAD_TYPES,
     MICRO,
     OPTIM,
     STEPS,
@@ -61,10 +63,13 @@ def capture_first_gradients(engine: DeepSpeedEngine) -> dict[str, torch.Tensor]:
     return first
 
 
-def run(zero: int, ga: int, tp: int, masked: bool = False) -> tuple[list[dict], DeepSpeedEngine, dict]:
+def run(
+    zero: int, ga: int, tp: int, masked: bool = False, head_type: str = "parallel", steps: int = STEPS
+) -> tuple[list[dict], DeepSpeedEngine, dict]:
     """(history, engine, the first step's gradients when ``masked``, else {})."""
     cfg = model_cfg(N)
-    mtp = MTPConfig(n=N, memory_efficient=zero < 3)  # ZeRO-3 needs the naive loss (see engine/deepspeed.py)
+    # ZeRO-3 needs the naive loss (see engine/deepspeed.py)
+    mtp = MTPConfig(n=N, memory_efficient=zero < 3, head_type=head_type)
     model = build_model(cfg, mtp, VOCAB, transformer_config(cfg, mtp, tp=tp))
     engine = DeepSpeedEngine(
         model, OPTIM, STEPS, ParallelConfig(engine="deepspeed", tp=tp, zero_stage=zero), MICRO, ga
@@ -72,7 +77,7 @@ def run(zero: int, ga: int, tp: int, masked: bool = False) -> tuple[list[dict], 
     first = capture_first_gradients(engine) if masked else {}
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     history = []
-    for step in range(STEPS):
+    for step in range(steps):
         if masked:
             mbs = masked_micro_batches(step, N, dp, dp_rank, ga, MICRO)
         else:
@@ -94,8 +99,17 @@ def main() -> None:
         parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
         model_parallel_cuda_manual_seed(0)
-        history, engine, first = run(zero, ga, tp, masked)
         name = ("masked-" if masked else "") + f"zero{zero}-ga{ga}-tp{tp}dp{world // tp}"
+        if "types" in flags:
+            for head_type in HEAD_TYPES:
+                parallel_state.destroy_model_parallel()
+                parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+                model_parallel_cuda_manual_seed(0)
+                _, _, first = run(zero, ga, tp, masked, head_type, steps=1)
+                if torch.distributed.get_rank() == 0:
+                    torch.save(first, out / f"{name}-{head_type}-grads.pt")
+            continue
+        history, engine, first = run(zero, ga, tp, masked)
         if masked and torch.distributed.get_rank() == 0:
             torch.save(first, out / f"{name}-grads.pt")
         if spec == RESHARD_SPEC:  # its own checkpoint too: test_deepspeed.py resumes it on one process

@@ -1,9 +1,11 @@
 """Run under torchrun (gloo): train a fixed tiny model on fixed data in several TP x PP x DP layouts.
 
     torchrun --nproc-per-node=W tests/distributed/layout_parity.py OUT_DIR LAYOUT [LAYOUT ...]
-    LAYOUT = tp,pp[,tie|uneven|vpp2|masked][,local]  (dp = W / (tp * pp); tie: tied embeddings across first
-             and last stage, n=4 only; uneven: 3 + 1 trunk layers on 2 stages, n=1 only; vpp2: interleaved, n=1
-             only; local: megatron's DotProductAttention, else model.attention=sdpa; masked: see below)
+    LAYOUT = tp,pp[,tie|uneven|vpp2|masked|types][,local]  (dp = W / (tp * pp); tie: tied embeddings across
+             first and last stage, n=4 only; uneven: 3 + 1 trunk layers on 2 stages, n=1 only; vpp2:
+             interleaved, n=1 only; local: megatron's DotProductAttention, else model.attention=sdpa; masked:
+             see below; types: n=4 with each head type of HEAD_TYPES (+ sequential with tied embeddings under
+             PP, the last stage's embedding copy being the output layer), saved as heads-<type>-tp..pp..dp..)
 
 For each layout and n in {1, 4} it runs STEPS optimizer steps with grad accumulation GA per DP rank,
 writes the per-step per-head losses (OUT_DIR/<layout>-n<n>.json, logging rank) and saves the final engine
@@ -13,7 +15,9 @@ model (resharding) to compare parameters with a single-process run of the same g
 ``masked`` (n=4, instead of the above): the global batches with very uneven valid targets (padding, document
 boundaries; :func:`masked_batch`), under ``mtp.loss_normalization=global`` (STEPS steps: history, final state
 and the first step's reduced gradients, OUT_DIR/masked-dp<dp>-global[.json|/|-grads.pt]) and ``micro_batch``
-(one step's gradients, the control that must differ). The reference is one process on the concatenated batch.
+(one step's gradients, the control that must differ), and one step's gradients of each head type of
+HEAD_TYPES under global (OUT_DIR/masked-dp<dp>-<type>-grads.pt). The reference is one process on the
+concatenated batch.
 """
 
 import json
@@ -32,6 +36,8 @@ from mtp_pretrain.model.mtp_model import transformer_config
 from mtp_pretrain.targets import target_mask
 
 VOCAB, STEPS, GA, MICRO = 256, 6, 2, 2
+# the head types beyond the default parallel one, looped inside the "types" and "masked" specs
+HEAD_TYPES = ("linear", "causal", "anticausal", "sequential")
 OPTIM = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2, clip_grad=1.0)
 
 
@@ -111,10 +117,16 @@ def full_grads(engine: MegatronEngine) -> dict[str, torch.Tensor]:
 
 
 def run_masked(
-    n: int, dp: int, ga: int, micro: int, normalization: str = "global", steps: int = STEPS
+    n: int,
+    dp: int,
+    ga: int,
+    micro: int,
+    normalization: str = "global",
+    steps: int = STEPS,
+    head_type: str = "parallel",
 ) -> tuple[list[dict], dict[str, torch.Tensor], MegatronEngine]:
     """``steps`` steps on the masked batches (TP = PP = 1): (history, the first step's gradients, engine)."""
-    engine = build_engine(n, 1, 1, normalization=normalization)
+    engine = build_engine(n, 1, 1, normalization=normalization, head_type=head_type)
     first: dict[str, torch.Tensor] = {}
     step_fn = engine.optimizer.step
 
@@ -151,8 +163,10 @@ def build_engine(
     vpp: int | None = None,
     attention: str = "sdpa",
     normalization: str = "global",
+    head_type: str = "parallel",
 ) -> MegatronEngine:
-    cfg, mtp = model_cfg(n, tie, attention), MTPConfig(n=n, loss_normalization=normalization)
+    cfg = model_cfg(n, tie, attention)
+    mtp = MTPConfig(n=n, loss_normalization=normalization, head_type=head_type)
     stage_layers = (3, None) if uneven else (None, None)  # n=1: 4 trunk layers as 3 + 1
     tconf = transformer_config(cfg, mtp, tp=tp, pp=pp, stage_layers=stage_layers, vpp=vpp)
     model = build_pipeline_chunks(cfg, mtp, VOCAB, tconf)
@@ -171,8 +185,9 @@ def run(
     uneven: bool = False,
     vpp: int | None = None,
     attention: str = "sdpa",
+    head_type: str = "parallel",
 ) -> tuple[list[dict], MegatronEngine]:
-    engine = build_engine(n, tp, pp, tie, uneven, vpp, attention)
+    engine = build_engine(n, tp, pp, tie, uneven, vpp, attention, head_type=head_type)
     dp_rank = parallel_state.get_data_parallel_rank()
     history = []
     for step in range(STEPS):
@@ -201,16 +216,32 @@ def run_masked_variants(out: Path, tp: int, pp: int, dp: int) -> None:
     """The ``masked`` spec (TP = PP = 1): global normalization (history, final state, first gradients) and
     the micro_batch control (first gradients), n=4, grad accumulation GA."""
     assert tp == pp == 1, "masked runs DP only"
-    for normalization, steps in (("global", STEPS), ("micro_batch", 1)):
+    variants = [("global", STEPS, "parallel"), ("micro_batch", 1, "parallel")]
+    variants += [("global", 1, head_type) for head_type in HEAD_TYPES]
+    for normalization, steps, head_type in variants:
         parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel()
         model_parallel_cuda_manual_seed(0)
-        history, grads, engine = run_masked(4, dp, GA, MICRO, normalization, steps)
-        name = f"masked-dp{dp}-{normalization}"
+        history, grads, engine = run_masked(4, dp, GA, MICRO, normalization, steps, head_type)
+        name = f"masked-dp{dp}-{normalization if head_type == 'parallel' else head_type}"
         if torch.distributed.get_rank() == 0:
             torch.save(grads, out / f"{name}-grads.pt")
-        if normalization == "global":
+        if normalization == "global" and head_type == "parallel":
             save_run(out, name, engine.sharded_state_dict(), history)
+
+
+def run_head_types(out: Path, tp: int, pp: int, dp: int) -> None:
+    """The ``types`` spec: n=4 with every head type of HEAD_TYPES (+ sequential, tied, under PP)."""
+    variants = [(t, False) for t in HEAD_TYPES] + ([("sequential", True)] if pp > 1 else [])
+    for head_type, tie in variants:
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        )
+        model_parallel_cuda_manual_seed(0)
+        history, engine = run(4, tp, pp, dp, tie=tie, head_type=head_type)
+        name = f"heads-{head_type}{'-tie' if tie else ''}-tp{tp}pp{pp}dp{dp}"
+        save_run(out, name, engine.sharded_state_dict(), history)
 
 
 def main() -> None:
@@ -227,6 +258,9 @@ def main() -> None:
         dp = parallel.Layout(world, tp=tp, pp=pp).dp
         if "masked" in flags:
             run_masked_variants(out, tp, pp, dp)
+            continue
+        if "types" in flags:
+            run_head_types(out, tp, pp, dp)
             continue
         for n in (4,) if tie else (1,) if uneven or vpp else (1, 4):
             parallel_state.destroy_model_parallel()

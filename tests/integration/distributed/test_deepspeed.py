@@ -15,7 +15,10 @@ from tests.integration.distributed.parity import (
     load_run,
 )
 
-LAUNCHES = {2: ["1,1", "1,2", "2,1", "2,2", "3,1", "3,2", "3,2,masked"], 4: ["1,2,tp2", "2,1,tp2"]}
+LAUNCHES = {
+    2: ["1,1", "1,2", "2,1", "2,2", "3,1", "3,2", "3,2,masked", "3,2,masked,types"],
+    4: ["1,2,tp2", "2,1,tp2"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +90,16 @@ def test_zero3_on_uneven_valid_targets_gives_one_process_gradients(dist_world, d
     run_history, loaded = load_run(ds_runs, name, engine.module)
     compare_to_reference(name, run_history, history, loaded, params, layout_parity.OPTIM.lr)
     print(f"{name}: gradients within {worst:.1e} of one process")
+
+
+@pytest.mark.parametrize("head_type", layout_parity.HEAD_TYPES)
+def test_zero3_on_uneven_valid_targets_gives_one_process_gradients_for_every_head_type(
+    dist_world, ds_runs, head_type
+):
+    """The same first step for each head type beyond parallel: ZeRO-3's reduced gradients are one process's."""
+    name = f"masked-zero3-ga2-tp1dp2-{head_type}"
+    _, grads, _ = layout_parity.run_masked(
+        4, dp=1, ga=1, micro=len(layout_parity.PAD_FROM), steps=1, head_type=head_type
+    )
+    got = torch.load(ds_runs / f"{name}-grads.pt", weights_only=True)
+    assert_step_gradients_equal(got, grads, name)

@@ -23,7 +23,17 @@ from tests.integration.distributed.parity import (
 # world 4: TP2xPP2, DP2xPP2, DP2xTP2 (+ TP2xPP2 tied). Core attention sdpa, or megatron's local
 # DotProductAttention where "local" says so: both backends under TP, PP and DP, without another launch
 LAUNCHES = {
-    2: ["2,1", "1,2", "1,1,local", "1,2,tie", "1,2,uneven,local", "1,2,vpp2", "1,1,masked"],
+    2: [
+        "2,1",
+        "1,2",
+        "1,1,local",
+        "1,2,tie",
+        "1,2,uneven,local",
+        "1,2,vpp2",
+        "1,1,masked",
+        "2,1,types",
+        "1,2,types",
+    ],
     4: ["2,2,local", "1,2", "2,1,local", "2,2,tie"],
 }
 
@@ -33,8 +43,11 @@ def layout_runs(tmp_path_factory):
     return launch_all(tmp_path_factory.mktemp("layouts"), "layout_parity.py", LAUNCHES)
 
 
-def _reference(n: int, dp: int, tie: bool, attention: str):  # an uneven pipeline split: the same model
-    history, engine = script.run(n, tp=1, pp=1, dp=1, ga=script.GA * dp, tie=tie, attention=attention)
+def _reference(n: int, dp: int, tie: bool, attention: str, head_type: str = "parallel"):
+    # an uneven pipeline split: the same model
+    history, engine = script.run(
+        n, tp=1, pp=1, dp=1, ga=script.GA * dp, tie=tie, attention=attention, head_type=head_type
+    )
     return (
         history,
         {
@@ -48,7 +61,7 @@ def _reference(n: int, dp: int, tie: bool, attention: str):  # an uneven pipelin
 
 @pytest.mark.parametrize("n", [1, 4])
 def test_every_layout_matches_one_process(dist_world, layout_runs, n):
-    names = sorted(p.stem for p in layout_runs.glob(f"*-n{n}*.json"))
+    names = sorted(p.stem for p in layout_runs.glob(f"tp*-n{n}*.json"))
     assert len(names) == 8, names  # tp2, pp2, dp2, tp2pp2, dp2pp2, dp2tp2 + (uneven, vpp2) or (2 tied)
     references = {}
     worst_rel, worst_param = 0.0, 0.0
@@ -90,3 +103,25 @@ def test_uneven_valid_targets_give_one_process_gradients_under_global_normalizat
     run_history, loaded = load_run(layout_runs, "masked-dp2-global", engine.model.module)
     compare_to_reference("masked-dp2-global", run_history, history, loaded, params, script.OPTIM.lr)
     print(f"masked DP2 x GA2: gradients within {worst:.1e} (global), micro_batch off by {worst_control:.2f}")
+
+
+@pytest.mark.parametrize("head_type", script.HEAD_TYPES)
+def test_every_head_type_trains_like_one_process_under_tp2_and_pp2(dist_world, layout_runs, head_type):
+    """n=4 heads of each type under TP2 and PP2 (sequential also tied under PP2: its embedding lookups read
+    the last stage's copy, whose gradient is all-reduced with the first stage's): the losses, gradient norms
+    and final parameters (the checkpoint loaded into one process, the copy resumed from the embedding's key)
+    of one process; the DP2 x GA2 step on very uneven masks gives one process's gradients."""
+    names = sorted(p.stem for p in layout_runs.glob(f"heads-{head_type}-*.json"))
+    assert len(names) == (3 if head_type == "sequential" else 2), names
+    references = {}
+    for name in names:
+        tie = "-tie-" in name
+        if tie not in references:
+            references[tie] = _reference(4, 1, tie, "sdpa", head_type)
+        ref_history, ref_params, ref_engine = references[tie]
+        history, loaded = load_run(layout_runs, name, ref_engine.model.module)
+        assert len(history) == script.STEPS
+        compare_to_reference(name, history, ref_history, loaded, ref_params, script.OPTIM.lr)
+    _, grads, _ = script.run_masked(4, dp=1, ga=1, micro=len(script.PAD_FROM), steps=1, head_type=head_type)
+    got = torch.load(layout_runs / f"masked-dp2-{head_type}-grads.pt", weights_only=True)
+    assert_step_gradients_equal(got, grads, f"DP2 x GA2, global, {head_type}")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mtp_pretrain.bench.suite import README_BEGIN, README_END, markdown, summarise, update_readme
+from mtp_pretrain.bench.suite import README_BEGIN, README_END, markdown, plot, summarise, update_readme
 
 MIB = 2**20
 RAW = {
@@ -25,6 +25,31 @@ RAW = {
             "ours_step_s": 0.1,
             "memory_ratio": 3.0,
             "time_ratio": 2.0,
+            "ours_sequential_peak_mib": 12.0,
+            "ours_sequential_step_s": 0.25,
+            "sequential_memory_ratio": 0.4,
+            "sequential_time_ratio": 1.25,
+        }
+    },
+    "head_types": {
+        "result": {
+            "config": {"n": 4, "reference": "parallel", "attention": "local"},
+            "rows": [
+                {
+                    "head_type": "parallel",
+                    "peak_mib": 10.0,
+                    "step_s": 0.1,
+                    "memory_ratio": 1.0,
+                    "time_ratio": 1.0,
+                },
+                {
+                    "head_type": "causal",
+                    "peak_mib": 8.0,
+                    "step_s": 0.15,
+                    "memory_ratio": 0.8,
+                    "time_ratio": 1.5,
+                },
+            ],
         }
     },
     "data": {
@@ -56,8 +81,38 @@ def test_summary_rows():
         "peak 30 vs 10 MiB, step 0.200 vs 0.100 s",
         "megatron/ours: memory 3.00x, time 2.00x",
     ]
-    assert rows[4][1:] == ["text w0 25x, tokens w1 90x", "min 25x (target >= 20x)"]
-    assert rows[5] == ["decode", "FAILED", "exit 1"]  # a failed benchmark still has its row
+    assert rows[4] == [
+        "ours sequential heads (DeepSeek-V3 MTP modules) vs megatron-core built-in MTP, same design, attention local",
+        "peak 12 vs 30 MiB, step 0.250 vs 0.200 s",
+        "sequential/megatron: memory 0.40x, time 1.25x (goal: memory < 1, time <= 1.0)",
+    ]
+    assert rows[5:7] == [
+        [
+            "MTP head type parallel, n=4: training-step peak memory / step time ÷ parallel (attention local)",
+            "peak 10 MiB, step 0.100 s",  # the reference's own figures
+            "memory 1.00x, time 1.00x",
+        ],
+        [
+            "MTP head type causal, n=4: training-step peak memory / step time ÷ parallel (attention local)",
+            "peak 8 vs 10 MiB, step 0.150 vs 0.100 s",
+            "memory 0.80x, time 1.50x",
+        ],
+    ]
+    assert rows[7][1:] == ["text w0 25x, tokens w1 90x", "min 25x (target >= 20x)"]
+    assert rows[8] == ["decode", "FAILED", "exit 1"]  # a failed benchmark still has its row
+
+
+def test_megatron_results_from_before_ours_sequential_give_the_one_row():
+    old = {k: v for k, v in RAW["megatron"]["result"].items() if "sequential" not in k}
+    rows = summarise({"megatron": {"result": old}})
+    assert len(rows) == 1 and rows[0][2] == "megatron/ours: memory 3.00x, time 2.00x"
+
+
+def test_the_plot_takes_every_benchmarks_results(tmp_path):
+    # every benchmark's figures reach a panel without a missing key (the head types' panel, the sequential /
+    # megatron bars); what the panels show is looked at, not asserted
+    plot(RAW, tmp_path / "results.png")
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_markdown_table_and_readme_section(tmp_path):

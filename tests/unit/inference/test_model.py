@@ -33,36 +33,6 @@ def test_export_and_run_dir_load_the_same_weights(mtp_run, tmp_path):
         assert torch.equal(t, from_export[name]) and torch.equal(t, from_run.decoder.state_dict()[name]), name
 
 
-def test_cached_decoding_equals_the_full_forward(mtp_run):
-    """One token at a time, then blocks, rows at different lengths: the logits of the full sequence."""
-    dec = mtp_run.loaded.decoder
-    n, T = dec.cfg.mtp_heads, 20  # noqa: N806
-    tokens = _tokens(dec.cfg.vocab_size, (2, T), seed=1)
-    full = dec(tokens)  # [n, 2, T, V]
-
-    cache = dec.new_cache(2, T)
-    steps = []
-    for t in range(T):  # one position per forward
-        steps.append(dec.logits(dec.hidden(tokens[:, t : t + 1], cache, n)))
-        cache.lengths += 1
-    assert_same_logits(torch.cat(steps, dim=2), full)
-
-    # row 0 three positions ahead of row 1; blocks of 3; garbage written past a row's length is overwritten
-    cache = dec.new_cache(2, T + 3)
-    dec.hidden(torch.stack([tokens[0, :3], torch.full((3,), 7)]), cache, n)
-    cache.lengths += torch.tensor([3, 0])
-    out: list[list[torch.Tensor]] = [[], []]
-    for s in range(0, T - 5, 3):
-        block = torch.stack([tokens[0, 3 + s : 6 + s], tokens[1, s : s + 3]])
-        logits = dec.logits(dec.hidden(block, cache, n))  # [n, 2, 3, V]
-        out[0].append(logits[:, 0])
-        out[1].append(logits[:, 1])
-        cache.lengths += 3
-    got0, got1 = torch.cat(out[0], dim=1), torch.cat(out[1], dim=1)
-    assert_same_logits(got0, full[:, 0, 3 : 3 + got0.shape[1]])
-    assert_same_logits(got1, full[:, 1, : got1.shape[1]])
-
-
 def test_what_is_not_a_model_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve(tmp_path / "nope")
