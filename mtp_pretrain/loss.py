@@ -265,9 +265,8 @@ class MTPLoss:
         kept: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # head -> (its input leaf, y, carry) with graph
         for i in heads.order:
             src = heads.source(i)
-            keep = not self.chain_recompute
             x = z if src is None else carries[src].detach()
-            if keep:
+            if not self.chain_recompute:
                 x = x if src is None else x.requires_grad_()
                 with torch.enable_grad():
                     y, carry = heads.forward_head(i, x, inputs)

@@ -166,8 +166,9 @@ class MTPHeads(MegatronModule):
         return y, (y if self.head_type == "sequential" else out)
 
     def run(self, h: Tensor, inputs: HeadInputs, heads: int | None = None) -> Iterator[tuple[int, Tensor]]:
-        """(i, y_i) of every head in :attr:`order` on trunk output h, each computed once (the chain's carries
-        are kept until read); ``heads``: stop once heads 0..heads-1 are out (all the chain they read runs)."""
+        """(i, y_i) of heads 0..heads-1 (default all) in :attr:`order` on trunk output h, each computed once
+        (the chain's carries are kept until read); the heads they read run too (anticausal: all of them), but
+        only the asked-for ones are yielded."""
         want = set(range(self.n if heads is None else heads))
         carries: dict[int, Tensor] = {}
         for i in self.order:
@@ -175,8 +176,9 @@ class MTPHeads(MegatronModule):
                 return
             src = self.source(i)
             y, carries[i] = self.forward_head(i, h if src is None else carries.pop(src), inputs)
-            want.discard(i)
-            yield i, y
+            if i in want:
+                want.discard(i)
+                yield i, y
 
     def head_parameters(self, i: int, inputs: HeadInputs) -> list[torch.nn.Parameter]:
         """Parameters head i's forward touches besides the unembedding: its module, the shared norm where it

@@ -220,7 +220,7 @@ class MTPModel(LanguageModule):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        if "embedding_copy.weight" in dict(self.named_parameters()):
+        if hasattr(self, "embedding_copy"):
             # saved as a replica of the trunk's embedding (not written; loaded from it): any PP layout resumes
             del sd[f"{prefix}embedding_copy.weight"]
             sd[f"{prefix}embedding_copy.weight"] = make_tp_sharded_tensor_for_checkpoint(

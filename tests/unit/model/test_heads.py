@@ -102,6 +102,7 @@ def test_each_type_reads_what_its_design_says(dist_world, tiny_model_cfg, head_t
             if name.endswith("weight") and p.dim() == 2
         ).mul_(2)
     after = model.head_logits(tokens)
+    assert len(model.head_logits(tokens, heads=1)) == 1  # anticausal runs every head, returns the one asked
     changed = [not torch.equal(a, b) for a, b in zip(before, after, strict=True)]
     # anticausal: head 3 feeds heads 2 and 1; every other design: heads 1 and 2 do not read head 3
     assert changed == ([True, True, True] if head_type == "anticausal" else [False, False, True])
